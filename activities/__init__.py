@@ -1,0 +1,1 @@
+"""Activities: one module per job, each holding its client."""

@@ -1,0 +1,142 @@
+"""`persist_trace`: the delivery_trace table, a projection of the workflow history for the help-desk.
+
+One row per delivery, upserted by delivery id and guarded by a per-delivery sequence, so a late retry
+of an older write never overwrites a newer state. SQLite by default, any SQLAlchemy async URL by setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from temporalio import activity
+
+from delivery import failures
+from delivery.models import DeliveryTrace, PersistTraceInput
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+delivery_trace = Table(
+    "delivery_trace",
+    metadata,
+    Column("delivery_id", String(128), primary_key=True),
+    Column("tenant_id", String(63), nullable=False, index=True),
+    Column("conversation_id", String(256), nullable=False),
+    Column("channel", String(32), nullable=False),
+    Column("provider_initial", String(8), nullable=False),
+    Column("provider_final", String(16)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("note", Text),
+    Column("order_id", String(32)),
+    Column("spapi_message_type", String(64)),
+    Column("spapi_request_id", String(128)),
+    Column("email_message_id", String(512)),
+    Column("events", JSON, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+_SUMMARY_COLUMNS = [c.name for c in delivery_trace.columns if c.name not in ("delivery_id", "events", "sequence",
+                                                                              "updated_at")]
+
+
+def create_engine(database_url: str) -> AsyncEngine:
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _wal(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets the help-desk read rows while the worker writes.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+class TraceStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, database_url: str) -> TraceStore:
+        return cls(create_engine(database_url))
+
+    async def migrate(self) -> None:
+        """Create the table and its indexes if missing; safe to run at every worker start."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def upsert(self, trace: DeliveryTrace, sequence: int) -> bool:
+        """Write `trace` unless a row with a higher or equal sequence is there. True if written."""
+        row = trace.model_dump(mode="json")
+        values = {name: row[name] for name in _SUMMARY_COLUMNS}
+        values.update(delivery_id=trace.delivery_id, events=row["events"], sequence=sequence,
+                      updated_at=datetime.now(UTC))
+        dialect = self.engine.dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        if dialect not in ("postgresql", "sqlite"):
+            raise RuntimeError(f"delivery_trace supports PostgreSQL and SQLite, not {dialect}")
+        stmt = insert(delivery_trace).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[delivery_trace.c.delivery_id],
+            set_={name: stmt.excluded[name] for name in values if name != "delivery_id"},
+            where=delivery_trace.c.sequence < stmt.excluded.sequence,
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(stmt)
+        return bool(result.rowcount)
+
+    async def get(self, delivery_id: str) -> tuple[DeliveryTrace, int] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(delivery_trace).where(delivery_trace.c.delivery_id == delivery_id))
+                   ).mappings().first()
+        if row is None:
+            return None
+        data = {name: row[name] for name in [*_SUMMARY_COLUMNS, "delivery_id", "events"]}
+        return DeliveryTrace.model_validate(data), row["sequence"]
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+class TraceActivities:
+    def __init__(self, store: TraceStore) -> None:
+        self.store = store
+
+    @activity.defn
+    async def persist_trace(self, input: PersistTraceInput) -> bool:
+        try:
+            written = await self.store.upsert(input.trace, input.sequence)
+        except (SQLAlchemyError, OSError) as exc:
+            # The trace store being down must never fail a delivery: the workflow retries this forever
+            # at a capped interval; the delivery itself goes on.
+            raise failures.transient(f"trace store unavailable: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        if not written:
+            log.info("delivery %s: trace sequence %d is older than the stored row; kept the newer",
+                     input.trace.delivery_id, input.sequence)
+        return written

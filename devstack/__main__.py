@@ -1,0 +1,70 @@
+"""python -m devstack up [--detach] | down | status"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+
+from devstack.demo import run_demos
+from devstack.launcher import DevstackSettings, StackError, start_stack, status, stop_stack
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the dev stack (foreground until Ctrl-C, or --detach)")
+    up.add_argument("--detach", action="store_true", help="return once everything is ready")
+    up.add_argument("--no-demo", action="store_true", help="do not send the demo deliveries")
+    for name in DevstackSettings.model_fields:
+        if name.endswith("_port"):
+            up.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+    sub.add_parser("down", help="stop the processes recorded in .devstack/stack.json")
+    sub.add_parser("status", help="show what runs and where")
+    args = parser.parse_args()
+
+    if args.command == "down":
+        stop_stack()
+        return 0
+    if args.command == "status":
+        return status()
+
+    cfg = DevstackSettings(**{k: v for k, v in vars(args).items() if k.endswith("_port") and v is not None})
+    print("starting the dev stack (logs in .devstack/logs/)", flush=True)
+    try:
+        state = start_stack(cfg)
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        print("ready.", flush=True)
+        if not args.no_demo:
+            asyncio.run(run_demos(state))
+        print("\nOpen:")
+        for name, url in state["urls"].items():  # type: ignore[union-attr]
+            print(f"  {name:<9} {url}")
+        print("\nTry:  .venv/bin/python starter.py send --tenant acme --channel email --to you@example.org "
+              "--subject Hello --body 'Hi there' --wait")
+        if args.detach:
+            print("detached: stop it with `python -m devstack down`")
+            return 0
+        print("serving; Ctrl-C stops everything", flush=True)
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+        try:
+            stopped.wait()
+        except KeyboardInterrupt:
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not args.detach:
+            print("\nstopping the dev stack", flush=True)
+            stop_stack()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

