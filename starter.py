@@ -250,10 +250,20 @@ async def cmd_signal(client: Client, args: argparse.Namespace) -> int:
         raise BadInput(cause.message if isinstance(cause, ApplicationError) else str(cause or err)) from None
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
-            raise BadInput(f"no running delivery with id {args.delivery_id!r}") from None
+            raise BadInput(await _why_not_running(client, args.delivery_id, args.action)) from None
         raise
     print(result.model_dump_json(indent=2) if args.json else result.message)
     return EXIT_OK if result.accepted else EXIT_FAILED
+
+
+async def _why_not_running(client: Client, delivery_id: str, action: str) -> str:
+    try:
+        description = await client.get_workflow_handle(delivery_id).describe()
+    except RPCError:
+        return f"no delivery with id {delivery_id!r}"
+    status = description.typed_search_attributes.get(sa.DELIVERY_STATUS) or (
+        description.status.name.lower() if description.status else "closed")
+    return f"{action} refused: delivery {delivery_id} has already ended ({status})"
 
 
 async def cmd_cancel(client: Client, args: argparse.Namespace) -> int:

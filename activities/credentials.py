@@ -94,7 +94,7 @@ class VaultSession:
         self.client = hvac.Client(url=settings.addr, token="", timeout=settings.timeout_s,
                                   namespace=settings.namespace)
         self._lock = threading.Lock()
-        self._generation = 0  # bumped with every new token, so threads racing on one 403 re-login once
+        self._generation = 0  # bumped with every new token or lease: threads racing on a 403 re-login once
         self._authenticated = False
         self._renew_at: float | None = None  # monotonic; None: never (ttl 0) or not renewable by us
         self._renewable = False
@@ -241,11 +241,7 @@ class CredentialStore:
 
     async def read_tenant(self, tenant_id: str, marketplace_id: str | None) -> CredentialsRef:
         """The latest app and tenant secrets, checked, as a reference (versions, never values)."""
-        tenant_path = self._tenant_path(tenant_id)
-        tenant = await self._read(tenant_path, None)
-        app = await self._read(self.settings.app_path, None)
-        self._require(tenant.secret.values, TENANT_KEYS, tenant_path)
-        self._require(app.secret.values, APP_KEYS, self.settings.app_path)
+        tenant_path, tenant, app = await self._read_checked(tenant_id, tenant_version=None, app_version=None)
         return CredentialsRef(
             tenant_id=tenant_id,
             seller_id=_value(tenant.secret.values, "seller_id"),
@@ -258,11 +254,7 @@ class CredentialStore:
 
     async def spapi_secrets(self, ref: CredentialsRef) -> SpapiSecrets:
         """The secrets at the versions `ref` names (delivery.secrets.SecretSource)."""
-        tenant_path = self._tenant_path(ref.tenant_id)
-        tenant = await self._read(tenant_path, ref.tenant_version)
-        app = await self._read(self.settings.app_path, ref.app_version)
-        self._require(tenant.secret.values, TENANT_KEYS, tenant_path)
-        self._require(app.secret.values, APP_KEYS, self.settings.app_path)
+        _, tenant, app = await self._read_checked(ref.tenant_id, ref.tenant_version, ref.app_version)
         return SpapiSecrets(
             client_id=_value(app.secret.values, "client_id"),
             client_secret=_value(app.secret.values, "client_secret"),
@@ -274,6 +266,16 @@ class CredentialStore:
 
     def close(self) -> None:
         self._vault.close()
+
+    async def _read_checked(self, tenant_id: str, tenant_version: int | None,
+                            app_version: int | None) -> tuple[str, SecretRead, SecretRead]:
+        """The tenant's path, its secret and the app's (None: the latest version), with the keys required."""
+        tenant_path = self._tenant_path(tenant_id)
+        tenant = await self._read(tenant_path, tenant_version)
+        app = await self._read(self.settings.app_path, app_version)
+        self._require(tenant.secret.values, TENANT_KEYS, tenant_path)
+        self._require(app.secret.values, APP_KEYS, self.settings.app_path)
+        return tenant_path, tenant, app
 
     # --- paths and checks ------------------------------------------------------------------------
 

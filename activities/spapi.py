@@ -196,13 +196,13 @@ class ApiError:
 
     @classmethod
     def of(cls, response: httpx.Response) -> ApiError:
+        request_id = response.headers.get("x-amzn-RequestId")
         try:
             first = response.json()["errors"][0]
-            code, message, details = str(first.get("code", "")), str(first.get("message", "")), \
-                str(first.get("details") or "")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # a gateway's HTML page, say
-            code, message, details = "", response.reason_phrase, ""
-        return cls(response.status_code, code, message, details, response.headers.get("x-amzn-RequestId"))
+            return cls(response.status_code, str(first.get("code") or ""), str(first.get("message") or ""),
+                       str(first.get("details") or ""), request_id)
+        except (ValueError, LookupError, TypeError, AttributeError):  # no Amazon error body: a gateway page, say
+            return cls(response.status_code, "", response.reason_phrase, "", request_id)
 
     def describe(self, operation: str) -> str:
         """A short sentence for the trace: "SP-API 500 InternalFailure: We encountered ... (request 1234)"."""
@@ -291,14 +291,12 @@ class LwaTokens:
         body = body if isinstance(body, dict) else {}
         if response.status_code == 200 and isinstance(body.get("access_token"), str):
             return body["access_token"], float(body.get("expires_in") or 3600)
-        error = str(body.get("error", ""))
+        error = str(body.get("error") or "")
         verdict = classify_lwa(response.status_code, error)
-        if verdict.reason == "seller_revoked":
-            message = f"LWA {response.status_code} {error}: seller revoked or refresh token invalid"
-        else:
-            message = f"LWA {response.status_code} {error or response.reason_phrase}: " \
-                      f"{str(body.get('error_description', ''))[:200]}"
-        raise failure(verdict, message.rstrip(": "), request_id=response.headers.get("x-amzn-RequestId"))
+        explanation = ("seller revoked or refresh token invalid" if verdict.reason == "seller_revoked"
+                       else str(body.get("error_description") or "")[:200])
+        message = f"LWA {response.status_code} {error or response.reason_phrase}: {explanation}".rstrip(": ")
+        raise failure(verdict, message, request_id=response.headers.get("x-amzn-RequestId"))
 
 
 # --- the activity -----------------------------------------------------------------------------------
@@ -369,10 +367,10 @@ class SpapiActivities:
     def _not_allowed(input: SpapiSendInput, candidates: list[str], allowed: list[str]) -> str:
         allowed_text = ", ".join(allowed) or "none"
         if input.message_type:
-            return f"Message type {input.message_type} is not allowed for order {input.order_id} " \
-                   f"(allowed: {allowed_text})"
-        return f"Order {input.order_id} allows none of the message types this reply may use " \
-               f"({', '.join(candidates)}); allowed: {allowed_text}"
+            return (f"Message type {input.message_type} is not allowed for order {input.order_id} "
+                    f"(allowed: {allowed_text})")
+        return (f"Order {input.order_id} allows none of the message types this reply may use "
+                f"({', '.join(candidates)}); allowed: {allowed_text}")
 
     async def _allowed_actions(self, attempt: _Attempt) -> list[str]:
         cached = self._actions.get(attempt.actions_key)
@@ -413,8 +411,8 @@ class SpapiActivities:
                     headers=self._headers(token), timeout=self._settings.timeout_s)
             except httpx.TransportError as exc:
                 verdict = classify(exc, sending=sending)
-                outcome = "no answer after the request was sent; the message may have been accepted" \
-                    if verdict.kind == AMBIGUOUS else "request failed"
+                outcome = ("no answer after the request was sent; the message may have been accepted"
+                           if verdict.kind == AMBIGUOUS else "request failed")
                 raise failure(verdict, f"SP-API {operation}: {outcome} ({type(exc).__name__})") from None
             self._note_rate_limit(attempt, operation, response)
             if response.is_success:

@@ -269,7 +269,8 @@ class VaultStandIn(EmulatorServer):
             self._secrets.clear()
             self._config.clear()
             self._mounts = {DEFAULT_MOUNT}
-            self._tokens = {self.root_token: self._tokens[self.root_token]}
+            self._tokens.clear()
+            self._set_root(self.root_token)  # fresh, also if a test expired it
             self._faults.clear()
             self._sealed = False
             self._reads.clear()
@@ -340,7 +341,7 @@ class VaultStandIn(EmulatorServer):
             return _errors(403, MISSING_TOKEN_ERROR)
         token = self._tokens.get(presented)
         if token is None or token.expired(time.time()):
-            return _errors(401, INVALID_TOKEN_ERROR)
+            return _errors(403, INVALID_TOKEN_ERROR)
         if vault_path in _SELF_ENDPOINTS or self._policy_allows(token.policies, vault_path):
             return None
         return _errors(403, POLICY_DENIED_ERROR)

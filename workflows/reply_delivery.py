@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -84,6 +84,7 @@ class ReplyDeliveryWorkflow:
         self.actions: list[_Action] = []
         self.sequence = 0
         self.persists: list[Awaitable[Any]] = []
+        self.clock: datetime | None = None  # when set, the time of the events being recorded
 
     @workflow.run
     async def run(self, request: ReplyRequest) -> DeliveryTrace:
@@ -112,17 +113,7 @@ class ReplyDeliveryWorkflow:
     async def try_spapi(self) -> None:
         """SP-API when an order id and credentials are there; otherwise fall back to SMTP, saying why."""
         if not self.order_resolved:
-            self.trace.order_id = await workflow.execute_local_activity(
-                resolve_order_id,
-                OrderLookup(order_ref=self.request.order_ref, thread_key=self.request.thread_key,
-                            subject=self.request.subject),
-                start_to_close_timeout=policies.RESOLVE_ORDER_ID_TIMEOUT,
-                retry_policy=policies.RESOLVE_ORDER_ID,
-            )
-            self.order_resolved = True
-            self._event("resolve_order_id", "found" if self.trace.order_id else "not_found",
-                        detail=self.trace.order_id)
-            self._upsert_search_attributes()
+            await self._resolve_order_id()
         if self.trace.order_id is None:
             return self._fall_back(NO_ORDER_ID_NOTE)
 
@@ -165,6 +156,22 @@ class ReplyDeliveryWorkflow:
         self._finish("delivered", "SMTP_FALLBACK" if self.fallback else "SMTP", self.trace.note)
 
     # --- one attempt of each step ---------------------------------------------------------------
+
+    async def _resolve_order_id(self) -> None:
+        # workflow.now() right after a local activity differs between the live run and a replay (the
+        # marker does not move the replayed clock), so the events recorded until the next server
+        # round trip carry the time taken before it.
+        self.clock = workflow.now()
+        self.trace.order_id = await workflow.execute_local_activity(
+            resolve_order_id,
+            OrderLookup(order_ref=self.request.order_ref, thread_key=self.request.thread_key,
+                        subject=self.request.subject),
+            start_to_close_timeout=policies.RESOLVE_ORDER_ID_TIMEOUT,
+            retry_policy=policies.RESOLVE_ORDER_ID,
+        )
+        self.order_resolved = True
+        self._event("resolve_order_id", "found" if self.trace.order_id else "not_found", detail=self.trace.order_id)
+        self._upsert_search_attributes()
 
     async def _fetch_credentials(self, attempt: int) -> CredentialsRef:
         return await workflow.execute_activity(
@@ -231,6 +238,7 @@ class ReplyDeliveryWorkflow:
         while True:
             self._raise_if_action_waiting()
             attempt += 1
+            self.clock = None
             try:
                 result = await attempt_once(attempt)
             except ActivityError as err:
@@ -294,6 +302,7 @@ class ReplyDeliveryWorkflow:
 
     async def _pause(self, delay: timedelta) -> None:
         """A backoff that an operator action ends early."""
+        self.clock = None
         try:
             await workflow.wait_condition(lambda: self._next_action() is not None, timeout=delay,
                                           timeout_summary="retry backoff")
@@ -304,6 +313,7 @@ class ReplyDeliveryWorkflow:
     async def _await_operator(self, reason: str) -> None:
         """Park the delivery until an operator acts, or fail it when nobody does in time."""
         self._set_status("awaiting_action", reason)
+        self.clock = None
         hours = self.request.awaiting_action_hours
         timeout = timedelta(hours=hours) if hours else policies.AWAITING_ACTION_TIMEOUT
         try:
@@ -455,7 +465,7 @@ class ReplyDeliveryWorkflow:
                 self._event("operator", "not_applied", detail=f"{action.name}: delivery already {self.trace.status}")
 
     def _event(self, step: str, outcome: str, attempt: int | None = None, detail: str | None = None) -> None:
-        self.trace.events.append(TraceEvent(at=workflow.now(), step=step, outcome=outcome, attempt=attempt,
+        self.trace.events.append(TraceEvent(at=self.clock or workflow.now(), step=step, outcome=outcome, attempt=attempt,
                                             detail=detail))
 
     def _set_status(self, status: DeliveryStatus, note: str | None = None) -> None:
