@@ -205,7 +205,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     rows = []
     async for execution in client.list_workflows(" AND ".join(clauses), limit=args.limit):
         attrs = execution.typed_search_attributes
-        rows.append({
+        rows.append({  # the same keys as `list --json`
             "delivery_id": execution.id,
             "status": attrs.get(sa.DELIVERY_STATUS),
             "provider": attrs.get(sa.DELIVERY_PROVIDER),
@@ -219,7 +219,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['started_at'][:19]}  {row['delivery_id']:<32} {row['status'] or '-':<16} "
+            print(f"{(row['started_at'] or '')[:19]}  {row['delivery_id']:<32} {row['status'] or '-':<16} "
                   f"{row['provider'] or '-':<14} {row['tenant_id'] or '-':<16} {row['order_id'] or ''}")
         print(f"{len(rows)} deliveries")
     return EXIT_OK

@@ -152,7 +152,7 @@ def classify(outcome: int | httpx.TransportError, *, message: str = "", details:
     if status == 403:
         if TEMPLATE_ERROR in message:
             return Verdict(PERMANENT, "not_eligible")
-        if "access token" in details.lower():  # missing, expired, or "revoked, malformed or invalid"
+        if "access token" in f"{message} {details}".lower():  # missing, expired, "revoked, malformed or invalid"
             return Verdict(TRANSIENT) if token_refreshed else Verdict(REFRESH_TOKEN)
         return Verdict(PERMANENT, "configuration")  # access denied: role or app authorisation
     if status == 429:
@@ -359,7 +359,7 @@ class SpapiActivities:
             return await self._secrets.spapi_secrets(ref)
         except ApplicationError:
             raise
-        except Exception as exc:  # the secret source's own trouble; its message may quote a secret path only
+        except Exception as exc:  # the source's own trouble: name only its type, its text might quote a secret
             raise transient(f"Could not read the SP-API secrets of tenant {ref.tenant_id}: "
                             f"{type(exc).__name__}") from None
 

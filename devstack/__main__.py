@@ -25,14 +25,14 @@ def main() -> int:
     sub.add_parser("status", help="show what runs and where")
     args = parser.parse_args()
 
+    cfg = DevstackSettings(**{k: v for k, v in vars(args).items() if k.endswith("_port") and v is not None})
     if args.command == "down":
-        stop_stack()
+        stop_stack(cfg)
         return 0
     if args.command == "status":
-        return status()
+        return status(cfg)
 
-    cfg = DevstackSettings(**{k: v for k, v in vars(args).items() if k.endswith("_port") and v is not None})
-    print("starting the dev stack (logs in .devstack/logs/)", flush=True)
+    print(f"starting the dev stack (logs in {cfg.log_dir})", flush=True)
     try:
         state = start_stack(cfg)
     except StackError as err:
@@ -43,7 +43,7 @@ def main() -> int:
         if not args.no_demo:
             asyncio.run(run_demos(state))
         print("\nOpen:")
-        for name, url in state["urls"].items():  # type: ignore[union-attr]
+        for name, url in state["urls"].items():
             print(f"  {name:<9} {url}")
         print("\nTry:  .venv/bin/python starter.py send --tenant acme --channel email --to you@example.org "
               "--subject Hello --body 'Hi there' --wait")
@@ -62,7 +62,7 @@ def main() -> int:
     finally:
         if not args.detach:
             print("\nstopping the dev stack", flush=True)
-            stop_stack()
+            stop_stack(cfg)
     return 0
 
 

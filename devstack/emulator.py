@@ -115,6 +115,9 @@ class EmulatorServer:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body are separate writes: without TCP_NODELAY each answer waits ~40 ms for
+            # the peer's delayed ACK.
+            disable_nagle_algorithm = True
 
             def _serve(self) -> None:
                 split = urlsplit(self.path)

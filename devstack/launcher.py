@@ -18,15 +18,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery import search_attributes as sa
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR = ROOT / ".devstack"
-STACK_FILE = STATE_DIR / "stack.json"
-LOG_DIR = STATE_DIR / "logs"
 SEED_FILE = Path(__file__).resolve().parent / "seed.json"
 DEV_VAULT_TOKEN = "devstack-root-token"
 
@@ -43,6 +41,15 @@ class DevstackSettings(BaseSettings):
     smtp_port: int = 1025
     smtp_http_port: int = 8025
     namespace: str = "default"
+    state_dir: Path = ROOT / ".devstack"  # Temporal's SQLite file, the trace DB, logs, stack.json
+
+    @property
+    def stack_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
 
 
 class StackError(Exception):
@@ -79,7 +86,7 @@ def worker_env(cfg: DevstackSettings) -> dict[str, str]:
         "OUTBOUND_SMTP_PORT": str(cfg.smtp_port),
         "OUTBOUND_SMTP_SECURITY": "none",
         "OUTBOUND_SMTP_FROM_ADDRESS": "support@acme-shop.example",
-        "OUTBOUND_TRACE_DATABASE_URL": f"sqlite+aiosqlite:///{STATE_DIR / 'delivery_trace.db'}",
+        "OUTBOUND_TRACE_DATABASE_URL": f"sqlite+aiosqlite:///{cfg.state_dir / 'delivery_trace.db'}",
     }
     return {**defaults, **{k: v for k, v in os.environ.items() if k.startswith("OUTBOUND_")}}
 
@@ -89,7 +96,7 @@ def services(cfg: DevstackSettings) -> list[Service]:
     temporal_args = [
         temporal_binary(), "server", "start-dev",
         "--ip", "127.0.0.1", "--port", str(cfg.temporal_port), "--ui-port", str(cfg.ui_port),
-        "--db-filename", str(STATE_DIR / "temporal.db"), "--namespace", cfg.namespace,
+        "--db-filename", str(cfg.state_dir / "temporal.db"), "--namespace", cfg.namespace,
         "--log-level", "warn", "--ui-disable-news-fetch",  # no outside network here
     ]
     for key in sa.ALL:
@@ -115,7 +122,7 @@ def urls(cfg: DevstackSettings) -> dict[str, str]:
         "spapi": f"http://127.0.0.1:{cfg.spapi_port}",
         "smtp": f"127.0.0.1:{cfg.smtp_port}",
         "mail_ui": f"http://127.0.0.1:{cfg.smtp_http_port}/",
-        "trace_db": str(STATE_DIR / "delivery_trace.db"),
+        "trace_db": str(cfg.state_dir / "delivery_trace.db"),
     }
 
 
@@ -134,66 +141,61 @@ def check_ports_free(stack: list[Service]) -> None:
                          "OUTBOUND_DEVSTACK_<NAME>_PORT.")
 
 
-def wait_ready(svc: Service, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_ready(svc: Service, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{svc.name} exited with code {proc.returncode}; see {LOG_DIR / (svc.name + '.log')}")
+            raise StackError(f"{svc.name} exited with code {proc.returncode}; see {log}")
         if svc.ready_port and port_in_use(svc.ready_port):
             return
-        if not svc.ready_port and _log_says_ready(svc):
+        if not svc.ready_port and log.exists() and "worker serving task queue" in log.read_text(errors="replace"):
             return
         time.sleep(0.1)
-    raise StackError(f"{svc.name} was not ready within {timeout:.0f}s; see {LOG_DIR / (svc.name + '.log')}")
+    raise StackError(f"{svc.name} was not ready within {timeout:.0f}s; see {log}")
 
 
-def _log_says_ready(svc: Service) -> bool:
-    log = LOG_DIR / f"{svc.name}.log"
-    return log.exists() and "worker serving task queue" in log.read_text(errors="replace")
-
-
-def start_stack(cfg: DevstackSettings) -> dict[str, object]:
-    STATE_DIR.mkdir(exist_ok=True)
-    LOG_DIR.mkdir(exist_ok=True)
-    if STACK_FILE.exists():
-        stop_stack(quiet=True)  # a stack left behind by a crash must not hold the ports
+def start_stack(cfg: DevstackSettings) -> dict[str, Any]:
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.stack_file.exists():
+        stop_stack(cfg, quiet=True)  # a stack left behind by a crash must not hold the ports
     stack = services(cfg)
     check_ports_free(stack)
     started: list[Service] = []
     try:
         for svc in stack:
-            log = (LOG_DIR / f"{svc.name}.log").open("wb")
-            proc = subprocess.Popen(svc.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **svc.env, "PYTHONUNBUFFERED": "1"},
-                                    start_new_session=True)  # Ctrl-C reaches us; we stop them in order
+            log_path = cfg.log_dir / f"{svc.name}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(svc.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **svc.env, "PYTHONUNBUFFERED": "1"},
+                                        start_new_session=True)  # Ctrl-C reaches us; we stop them in order
             svc.pid = proc.pid
             started.append(svc)
             _write_state(cfg, started)
-            wait_ready(svc, proc)
+            wait_ready(svc, proc, log_path)
             print(f"  {svc.name:<8} ready (pid {proc.pid})", flush=True)
     except BaseException:
-        stop_stack(quiet=True)
+        stop_stack(cfg, quiet=True)
         raise
     return _write_state(cfg, started)
 
 
-def _write_state(cfg: DevstackSettings, started: list[Service]) -> dict[str, object]:
-    state: dict[str, object] = {
+def _write_state(cfg: DevstackSettings, started: list[Service]) -> dict[str, Any]:
+    state: dict[str, Any] = {
         "urls": urls(cfg),
         "services": [{k: v for k, v in asdict(svc).items() if k != "env"} for svc in started],
         "worker_env": {k: v for k, v in worker_env(cfg).items() if "TOKEN" not in k and "PASSWORD" not in k},
     }
-    STACK_FILE.write_text(json.dumps(state, indent=2))
+    cfg.stack_file.write_text(json.dumps(state, indent=2))
     return state
 
 
-def stop_stack(quiet: bool = False) -> list[str]:
+def stop_stack(cfg: DevstackSettings, quiet: bool = False) -> list[str]:
     """Stop the processes of stack.json, last started first; returns what was stopped."""
-    if not STACK_FILE.exists():
+    if not cfg.stack_file.exists():
         if not quiet:
-            print("no dev stack is recorded in .devstack/stack.json")
+            print(f"no dev stack is recorded in {cfg.stack_file}")
         return []
-    state = json.loads(STACK_FILE.read_text())
+    state = json.loads(cfg.stack_file.read_text())
     stopped = []
     for svc in reversed(state.get("services", [])):
         pid = svc.get("pid")
@@ -201,7 +203,7 @@ def stop_stack(quiet: bool = False) -> list[str]:
             stopped.append(svc["name"])
             if not quiet:
                 print(f"  {svc['name']:<8} stopped (pid {pid})")
-    STACK_FILE.unlink(missing_ok=True)
+    cfg.stack_file.unlink(missing_ok=True)
     return stopped
 
 
@@ -236,11 +238,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def status() -> int:
-    if not STACK_FILE.exists():
+def status(cfg: DevstackSettings) -> int:
+    if not cfg.stack_file.exists():
         print("dev stack: not running")
         return 1
-    state = json.loads(STACK_FILE.read_text())
+    state = json.loads(cfg.stack_file.read_text())
     all_up = True
     for svc in state["services"]:
         up = _alive(svc["pid"])

@@ -256,10 +256,10 @@ class SpapiStandIn(EmulatorServer):
     """SP-API Messaging + LWA on one port. State is guarded by the base class's lock.
 
     `reset()` forgets what happened (messages, requests, faults, issued access tokens, the LWA grant
-    count, quota buckets) and puts orders, default actions and quota back to their defaults. Registered
-    apps and sellers (by `register_*` or `seed`) are kept: they are configuration a running worker still
-    holds through the Vault stand-in. A revoked refresh token stays revoked until registered again.
-    Seeded orders are not re-applied: seed again after a reset if you need them.
+    count, quota buckets), puts orders, default actions and quota back to their defaults, then re-applies
+    the last `seed()`, if any (as the Vault stand-in does). Registered apps and sellers are kept: they
+    are configuration a running worker still holds through the Vault stand-in; a revoked refresh token
+    stays revoked until registered again (or re-seeded).
     """
 
     name = "spapi"
@@ -270,6 +270,7 @@ class SpapiStandIn(EmulatorServer):
         self.max_body_bytes = MAX_BODY_BYTES
         self._apps: dict[str, str] = {}
         self._sellers: dict[str, str] = {}  # refresh token -> seller id
+        self._seed: dict[str, Any] = {}
         self._clear()
         self._add_control_routes()
 
@@ -328,6 +329,10 @@ class SpapiStandIn(EmulatorServer):
         """
         if mode not in FAULT_MODES:
             raise ValueError(f"fault mode must be one of {FAULT_MODES}, not {mode!r}")
+        if mode == "http" and not 400 <= status <= 599:
+            raise ValueError(f"an http fault answers an error status (400-599), not {status}")
+        if times < 1:
+            raise ValueError(f"times must be at least 1, not {times}")
         known = {op.operation_id for op in (*OPERATIONS, LWA)} | {"*"}
         if operation not in known:
             raise ValueError(f"unknown operation {operation!r}; one of {sorted(known)}")
@@ -339,6 +344,7 @@ class SpapiStandIn(EmulatorServer):
             return [dict(message) for message in self._messages]
 
     def requests(self) -> list[dict[str, Any]]:
+        """Every SP-API and LWA call; `status` is the answer served, or computed and then dropped (`fault`)."""
         with self._lock:
             return [dict(request) for request in self._requests]
 
@@ -350,19 +356,27 @@ class SpapiStandIn(EmulatorServer):
     def reset(self) -> None:
         with self._lock:
             self._clear()
+            self._apply(self._seed)
 
     def seed(self, data: dict[str, Any]) -> None:
-        """Register {"apps": {id: secret}, "sellers": {refresh token: seller id}, "orders": {id: {"actions",
-        "marketplace_id", "locale"}}, "default_actions": [...]}, all keys optional."""
-        for client_id, secret in data.get("apps", {}).items():
-            self.register_app(client_id, secret)
-        for refresh_token, seller_id in data.get("sellers", {}).items():
-            self.register_seller(refresh_token, seller_id)
-        for order_id, order in data.get("orders", {}).items():
-            self.set_order(order_id, order.get("actions", []), order.get("marketplace_id"),
-                           locale=order.get("locale", "en-US"))
-        if "default_actions" in data:
-            self.default_actions = list(data["default_actions"])
+        """Apply {"apps": {id: secret}, "sellers": {refresh token: seller id}, "orders": {id: {"actions",
+        "marketplace_id", "locale"}}, "default_actions": [...]} (all keys optional); `reset()` re-applies
+        it. A later seed replaces this one for `reset()`."""
+        with self._lock:
+            self._seed = json.loads(json.dumps(data))  # a private copy
+            self._apply(self._seed)
+
+    def _apply(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            for client_id, secret in data.get("apps", {}).items():
+                self.register_app(client_id, secret)
+            for refresh_token, seller_id in data.get("sellers", {}).items():
+                self.register_seller(refresh_token, seller_id)
+            for order_id, order in data.get("orders", {}).items():
+                self.set_order(order_id, order.get("actions", []), order.get("marketplace_id"),
+                               locale=order.get("locale", "en-US"))
+            if "default_actions" in data:
+                self.default_actions = list(data["default_actions"])
 
     # --- serving ----------------------------------------------------------------------------------
 
@@ -647,14 +661,16 @@ def _now() -> str:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=Path, help="JSON file: apps, sellers, orders, default_actions")
+    parser.add_argument("--seed", type=Path, help="JSON file: apps, sellers, orders, default_actions "
+                                                   "(or the dev stack's file, with them under \"spapi\")")
     parser.add_argument("--token-ttl", type=int, default=3600, help="access token lifetime in seconds")
 
 
 def _factory(args: argparse.Namespace) -> SpapiStandIn:
     server = SpapiStandIn(args.host, args.port, token_ttl_s=args.token_ttl)
     if args.seed:
-        server.seed(json.loads(args.seed.read_text()))
+        data = json.loads(args.seed.read_text())
+        server.seed(data.get("spapi", data))  # the dev stack's seed file has one section per stand-in
     return server
 
 

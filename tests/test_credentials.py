@@ -349,15 +349,18 @@ async def test_concurrent_fetches_of_one_tenant_read_each_secret_once(vault: Vau
 
 
 async def test_after_the_cache_ttl_vault_is_read_again(vault: VaultStandIn, make_store: StoreFactory) -> None:
-    store = make_store(cache_ttl_s=0.2)
+    store = make_store(cache_ttl_s=0.5)
+    started = time.monotonic()
     await fetch(store)
     await fetch(store)
-    assert vault.read_count() == 2
-    deadline = time.monotonic() + 5
-    while vault.read_count() == 2 and time.monotonic() < deadline:
+    assert vault.read_count(TENANT_PATH) == 1
+
+    deadline = started + 5
+    while vault.read_count(TENANT_PATH) == 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         await fetch(store)
-    assert vault.read_count() == 4
+    assert vault.read_count(TENANT_PATH) == 2
+    assert time.monotonic() - started >= 0.5  # not before the TTL was over
 
 
 # --- the failure table ------------------------------------------------------------------------------

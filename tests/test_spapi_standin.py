@@ -469,6 +469,10 @@ def test_fault_arguments_are_checked(standin: SpapiStandIn) -> None:
         standin.add_fault("createConfirmOrderDetails", mode="explode")
     with pytest.raises(ValueError, match="unknown operation"):
         standin.add_fault("createConfirmOrderDetail")
+    with pytest.raises(ValueError, match="error status"):
+        standin.add_fault("createConfirmOrderDetails", status=201)
+    with pytest.raises(ValueError, match="at least 1"):
+        standin.add_fault("createConfirmOrderDetails", times=0)
 
 
 # --- control API, reset, CLI -------------------------------------------------------------------------
@@ -504,25 +508,29 @@ def test_the_control_api_over_http(api: Api) -> None:
     assert http.put(f"{base}/orders/{ORDER}", json={"marketplace_id": US}).status_code == 400
 
 
-def test_reset_forgets_what_happened_and_keeps_credentials(api: Api) -> None:
-    standin = api.standin
-    standin.seed({"apps": {"app-9": "s9"}, "orders": {ORDER: {"actions": ["confirmServiceDetails"]}},
-                  "default_actions": ["unexpectedProblem"]})
-    standin.set_quota(0.01, 1)
-    standin.add_fault("createConfirmOrderDetails", 500)
-    api.call("GetAttributes")
+def test_reset_forgets_what_happened_keeps_credentials_and_reapplies_the_seed() -> None:
+    with SpapiStandIn() as standin, httpx.Client(base_url=standin.url, timeout=5) as http:
+        standin.seed({"apps": {APP: SECRET}, "orders": {ORDER: {"actions": ["confirmServiceDetails"]}},
+                      "default_actions": ["unexpectedProblem"]})
+        standin.register_seller(REFRESH, SELLER)
+        api = Api(http, standin)
+        api.login()
+        standin.set_order(ORDER, [])
+        standin.set_order("999-0000000-0000001", ["confirmOrderDetails"])
+        standin.set_quota(0.01, 1)
+        standin.add_fault("createConfirmServiceDetails", 500)
+        api.call("GetAttributes")
 
-    standin.reset()
+        standin.reset()
 
-    assert standin.messages() == [] and standin.requests() == [] and standin.lwa_calls() == 0
-    assert api.call("GetAttributes").status_code == 403  # issued tokens are forgotten
-    api.login()  # the app and seller are still registered
-    assert api.http.post("/auth/o2/token", data={"grant_type": "refresh_token", "client_id": "app-9",
-                                                 "client_secret": "s9", "refresh_token": REFRESH}).status_code == 200
-    assert standin.default_actions == ["confirmOrderDetails", "confirmDeliveryDetails", "unexpectedProblem"]
-    names = [a["name"] for a in api.call("getMessagingActionsForOrder").json()["_links"]["actions"]]
-    assert names == standin.default_actions  # the seeded order is gone
-    assert api.call("createConfirmOrderDetails", body={"text": "Hello"}).status_code == 201  # no fault, quota 1/5
+        assert standin.messages() == [] and standin.requests() == [] and standin.lwa_calls() == 0
+        assert api.call("GetAttributes").status_code == 403  # issued tokens are forgotten
+        api.login()  # the seeded app and the registered seller are still there
+        actions = [a["name"] for a in api.call("getMessagingActionsForOrder").json()["_links"]["actions"]]
+        assert actions == ["confirmServiceDetails"]  # the seeded order, not the later change
+        other = api.call("getMessagingActionsForOrder", "999-0000000-0000001").json()["_links"]["actions"]
+        assert [a["name"] for a in other] == ["unexpectedProblem"]  # the seeded default actions
+        assert api.call("createConfirmServiceDetails", body={"text": "Hi"}).status_code == 201  # no fault
 
 
 def test_requests_are_recorded_without_the_access_token(api: Api) -> None:
@@ -535,8 +543,9 @@ def test_requests_are_recorded_without_the_access_token(api: Api) -> None:
 
 def test_the_cli_serves_a_seeded_standin(tmp_path: Path) -> None:
     seed = tmp_path / "seed.json"
-    seed.write_text(json.dumps({"apps": {APP: SECRET}, "sellers": {REFRESH: SELLER},
-                                "orders": {ORDER: {"actions": ["confirmDeliveryDetails"]}}}))
+    section = {"apps": {APP: SECRET}, "sellers": {REFRESH: SELLER},
+               "orders": {ORDER: {"actions": ["confirmDeliveryDetails"]}}}
+    seed.write_text(json.dumps({"vault": {}, "spapi": section}))  # the dev stack's file: a section per stand-in
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen([sys.executable, "-m", "devstack.spapi", "--port", "0", "--seed", str(seed)],
                                cwd=root, stdout=subprocess.PIPE, text=True)
