@@ -1,7 +1,7 @@
 """A local stand-in for Amazon SP-API Messaging and Login with Amazon (LWA), built to the official model.
 
 One HTTP port serves both: `POST /auth/o2/token` (LWA) and the eleven Messaging operations of
-`reference/spapi-messaging.json` under `/messaging/v1/orders/{amazonOrderId}`. It keeps Amazon's
+`devstack/spapi-messaging.json` (a copy of `reference/spapi-messaging.json`) under `/messaging/v1/orders/{amazonOrderId}`. It keeps Amazon's
 behaviour where the research brief documents it: access tokens checked on every call, one
 marketplace id per call, 3-7-7 order ids, per-order allowed message types with the 403 "template
 combination" error, body limits from the model, a token bucket per (seller, operation) answering 429,

@@ -37,7 +37,8 @@ from delivery.secrets import SpapiSecrets
 from delivery.settings import SpapiSettings
 from devstack.spapi import SpapiStandIn
 
-MODEL_PATH = Path(__file__).resolve().parents[1].parent / "shared/reference/spapi-messaging.json"
+# Amazon's official Messaging model, byte for byte (also at ../shared/reference/; sha256 checked below).
+MODEL_PATH = Path(__file__).resolve().parents[1] / "devstack" / "spapi-messaging.json"
 
 APP, SECRET = "amzn1.application-oa2-client.test", "lwa-client-secret-123"
 REFRESH, SELLER = "Atzr|refresh-token-456", "A3SELLER"

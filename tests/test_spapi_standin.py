@@ -7,6 +7,7 @@ and the headers must be the documented ones (`x-amzn-RateLimit-Limit` exactly wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from jsonschema import Draft4Validator
 
 from devstack.spapi import OPERATIONS, SpapiStandIn
 
-MODEL_PATH = Path(__file__).resolve().parents[1].parent / "shared/reference/spapi-messaging.json"
+# Amazon's official Messaging model, byte for byte (also at ../shared/reference/; sha256 checked below).
+MODEL_PATH = Path(__file__).resolve().parents[1] / "devstack" / "spapi-messaging.json"
 MODEL = json.loads(MODEL_PATH.read_text())
 MODEL_OPERATIONS = {op["operationId"]: (path, method.upper(), op)
                     for path, methods in MODEL["paths"].items() for method, op in methods.items()}
@@ -562,3 +564,9 @@ def test_the_cli_serves_a_seeded_standin(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=5)
+
+
+def test_vendored_model_is_amazons_official_file_unchanged() -> None:
+    # sha256 of models/messaging-api-model/messaging.json at b9dffa43 (reference/spapi-messaging.md §0).
+    digest = hashlib.sha256(MODEL_PATH.read_bytes()).hexdigest()
+    assert digest.startswith("16b585e8") and digest.endswith("06700a8a1")
