@@ -63,6 +63,19 @@ class Response:
 Handler = Callable[[Request], Response]
 
 
+def control_endpoint(action: Callable[[Request], Any]) -> Handler:
+    """A `/_emulator/...` endpoint: 204 when done, 400 with the reason when the request is wrong."""
+
+    def handler(request: Request) -> Response:
+        try:
+            action(request)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return Response.json(400, {"errors": [f"bad control request: {type(exc).__name__}: {exc}"]})
+        return Response.empty(204)
+
+    return handler
+
+
 class Router:
     """Routes `METHOD /path/{param}` patterns to handlers, first match wins."""
 

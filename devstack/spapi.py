@@ -1,7 +1,8 @@
 """A local stand-in for Amazon SP-API Messaging and Login with Amazon (LWA), built to the official model.
 
 One HTTP port serves both: `POST /auth/o2/token` (LWA) and the eleven Messaging operations of
-`devstack/spapi-messaging.json` (a copy of `reference/spapi-messaging.json`) under `/messaging/v1/orders/{amazonOrderId}`. It keeps Amazon's
+`devstack/spapi-messaging.json` (a copy of `reference/spapi-messaging.json`) under
+`/messaging/v1/orders/{amazonOrderId}`. It keeps Amazon's
 behaviour where the research brief documents it: access tokens checked on every call, one
 marketplace id per call, 3-7-7 order ids, per-order allowed message types with the 403 "template
 combination" error, body limits from the model, a token bucket per (seller, operation) answering 429,
@@ -20,7 +21,6 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from devstack.emulator import EmulatorServer, Request, Response, run_cli
+from devstack.emulator import EmulatorServer, Request, Response, control_endpoint, run_cli
 
 ORDER_PATH = "/messaging/v1/orders/{order_id}"
 LWA_PATH = "/auth/o2/token"
@@ -591,37 +591,26 @@ class SpapiStandIn(EmulatorServer):
 
     def _add_control_routes(self) -> None:
         add = self.router.add
-        add("POST", "/_emulator/reset", self._control(lambda request: self.reset()))
-        add("POST", "/_emulator/seed", self._control(lambda request: self.seed(request.json())))
+        add("POST", "/_emulator/reset", control_endpoint(lambda request: self.reset()))
+        add("POST", "/_emulator/seed", control_endpoint(lambda request: self.seed(request.json())))
         add("GET", "/_emulator/messages", lambda request: Response.json(200, self.messages()))
         add("GET", "/_emulator/requests", lambda request: Response.json(200, self.requests()))
         add("GET", "/_emulator/lwa-calls",
             lambda request: Response.json(200, {"lwa_calls": self.lwa_calls()}))
-        add("PUT", "/_emulator/orders/{order_id}", self._control(self._put_order))
-        add("PUT", "/_emulator/quota", self._control(
+        add("PUT", "/_emulator/orders/{order_id}", control_endpoint(self._put_order))
+        add("PUT", "/_emulator/quota", control_endpoint(
             lambda request: self.set_quota(**_fields(request, "rate", "burst"))))
-        add("POST", "/_emulator/faults", self._control(self._post_fault))
-        add("POST", "/_emulator/tokens/expire", self._control(lambda request: self.expire_access_tokens()))
-        add("PUT", "/_emulator/apps/{client_id}", self._control(
+        add("POST", "/_emulator/faults", control_endpoint(self._post_fault))
+        add("POST", "/_emulator/tokens/expire", control_endpoint(lambda request: self.expire_access_tokens()))
+        add("PUT", "/_emulator/apps/{client_id}", control_endpoint(
             lambda request: self.register_app(unquote(request.params["client_id"]),
                                               _fields(request, "client_secret")["client_secret"])))
         # Refresh tokens hold "|" and maybe "/": the rest of the path, percent-decoded.
-        add("PUT", "/_emulator/sellers/{refresh_token:.+}", self._control(
+        add("PUT", "/_emulator/sellers/{refresh_token:.+}", control_endpoint(
             lambda request: self.register_seller(unquote(request.params["refresh_token"]),
                                                  _fields(request, "seller_id")["seller_id"])))
-        add("DELETE", "/_emulator/sellers/{refresh_token:.+}", self._control(
+        add("DELETE", "/_emulator/sellers/{refresh_token:.+}", control_endpoint(
             lambda request: self.revoke_refresh_token(unquote(request.params["refresh_token"]))))
-
-    @staticmethod
-    def _control(action: Callable[[Request], None]) -> Callable[[Request], Response]:
-        """A control endpoint: 204 when done, 400 with the reason when the request is wrong."""
-        def handler(request: Request) -> Response:
-            try:
-                action(request)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                return Response.json(400, {"errors": [f"{type(exc).__name__}: {exc}"]})
-            return Response.empty(204)
-        return handler
 
     def _put_order(self, request: Request) -> None:
         body = request.json()

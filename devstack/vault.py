@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from devstack.emulator import EmulatorServer, Request, Response, run_cli
+from devstack.emulator import EmulatorServer, Request, Response, control_endpoint, run_cli
 
 DEFAULT_ROOT_TOKEN = "dev-root"
 DEFAULT_MOUNT = "secret"
@@ -367,9 +367,9 @@ class VaultStandIn(EmulatorServer):
         add("*", "/v1/{mount}/{op:data|metadata|delete|undelete|destroy}{path:(?:/.*)?}", self._kv)
         add("*", "/v1/{route:.*}", self._no_handler)
 
-        add("POST", "/_emulator/seal", self._control(lambda r: self.seal(bool(_body(r).get("sealed", True)))))
-        add("POST", "/_emulator/faults", self._control(lambda r: self.add_fault(**_fault_args(_body(r)))))
-        add("POST", "/_emulator/reset", self._control(lambda r: self.reset()))
+        add("POST", "/_emulator/seal", control_endpoint(lambda r: self.seal(bool(_body(r).get("sealed", True)))))
+        add("POST", "/_emulator/faults", control_endpoint(lambda r: self.add_fault(**_fault_args(_body(r)))))
+        add("POST", "/_emulator/reset", control_endpoint(lambda r: self.reset()))
         add("GET", "/_emulator/requests", lambda r: _json(200, {"requests": self.requests(),
                                                                 "read_counts": dict(self._reads)}))
         for method in ("PUT", "POST"):
@@ -658,16 +658,6 @@ class VaultStandIn(EmulatorServer):
 
     # --- control API over HTTP -------------------------------------------------------------------
 
-    @staticmethod
-    def _control(action: Callable[[Request], Any]) -> Callable[[Request], Response]:
-        def handler(request: Request) -> Response:
-            try:
-                action(request)
-            except (_BadRequest, ValueError, TypeError, KeyError) as exc:
-                return _errors(400, f"bad control request: {exc}")
-            return Response.empty(204)
-        return handler
-
     def _control_put_secret(self, request: Request) -> Response:
         try:
             body = _body(request)
@@ -696,7 +686,7 @@ def _fault_args(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k in allowed}
 
 
-class _BadRequest(Exception):
+class _BadRequest(ValueError):
     """A request body Vault would refuse with 400."""
 
 
