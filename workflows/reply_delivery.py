@@ -101,10 +101,11 @@ class ReplyDeliveryWorkflow:
         except asyncio.CancelledError:
             reason = workflow.cancellation_reason() or "no reason given"
             self._finish("cancelled", None, f"Cancelled by operator: {reason}")
+            self._drop_unapplied_actions()
             await self._persist_final()
             raise  # the workflow must end CANCELED, not completed
-        await self._persist_final()
         self._drop_unapplied_actions()
+        await self._persist_final()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.trace
 
@@ -415,8 +416,8 @@ class ReplyDeliveryWorkflow:
         try:
             self._validate(name, args)
         except ApplicationError as refused:
+            # The signal itself is in the history; the trace of a finished delivery stays as persisted.
             workflow.logger.warning("signal %s ignored: %s", name, refused.message)
-            self._event("operator", "ignored", detail=f"signal {name}: {refused.message}")
             return
         self.actions.append(_Action(name, args))
 
