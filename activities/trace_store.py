@@ -22,11 +22,13 @@ from sqlalchemy import (
     Text,
     event,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateIndex, CreateTable
 from temporalio import activity
 
 from delivery import failures
@@ -59,9 +61,26 @@ delivery_trace = Table(
 _SUMMARY_COLUMNS = [c.name for c in delivery_trace.columns if c.name not in ("delivery_id", "events", "sequence",
                                                                               "updated_at")]
 
+# A URL without a driver (`postgresql://...`, as ops tools write it) gets the async driver we ship.
+_ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+
+# Workers that start together take turns migrating: the pg_advisory_xact_lock key ("dlvtrace" as a bigint).
+_MIGRATION_LOCK_KEY = int.from_bytes(b"dlvtrace", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _async_url(database_url: str) -> URL:
+    url = make_url(database_url)
+    return url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
+
+
+def _no_nul(value: Any) -> Any:
+    # PostgreSQL text cannot hold NUL (a note typed by an operator or quoted from a provider might):
+    # the write would fail at every retry and hold the delivery open forever.
+    return value.replace("\0", "\ufffd") if isinstance(value, str) else value
+
 
 def create_engine(database_url: str) -> AsyncEngine:
-    url = make_url(database_url)
+    url = _async_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +106,18 @@ class TraceStore:
         return cls(create_engine(database_url))
 
     async def migrate(self) -> None:
-        """Create the table and its indexes if missing; safe to run at every worker start."""
+        """Create the table and its indexes if missing; safe to run at every worker start.
+
+        Also when several workers start at once: "if not exists" DDL, and on PostgreSQL (where even that
+        races on the catalog) one transaction at a time under an advisory lock.
+        """
         async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            for table in metadata.sorted_tables:
+                await conn.execute(CreateTable(table, if_not_exists=True))
+                for index in sorted(table.indexes, key=lambda index: str(index.name)):
+                    await conn.execute(CreateIndex(index, if_not_exists=True))
 
     async def upsert(self, trace: DeliveryTrace, sequence: int) -> bool:
         """Write `trace` unless a row with a higher or equal sequence is there. True if written."""
@@ -98,9 +126,11 @@ class TraceStore:
         values.update(delivery_id=trace.delivery_id, events=row["events"], sequence=sequence,
                       updated_at=datetime.now(UTC))
         dialect = self.engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         if dialect not in ("postgresql", "sqlite"):
             raise RuntimeError(f"delivery_trace supports PostgreSQL and SQLite, not {dialect}")
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        if dialect == "postgresql":
+            values = {name: _no_nul(value) for name, value in values.items()}
         stmt = insert(delivery_trace).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[delivery_trace.c.delivery_id],
@@ -137,6 +167,6 @@ class TraceActivities:
             # at a capped interval; the delivery itself goes on.
             raise failures.transient(f"trace store unavailable: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         if not written:
-            log.info("delivery %s: trace sequence %d is older than the stored row; kept the newer",
+            log.info("delivery %s: trace sequence %d is not newer than the stored row; kept the stored one",
                      input.trace.delivery_id, input.sequence)
         return written

@@ -5,9 +5,12 @@ The README's configuration table lists every variable; keep the two in step.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery import TASK_QUEUE
@@ -115,6 +118,76 @@ class TraceSettings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///.devstack/delivery_trace.db"
 
 
+CODEC_KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+CODEC_KEY_BYTES = 32  # AES-256
+
+
+class CodecSettings(BaseSettings):
+    """Payload encryption (ARCHITECTURE §5, docs/SECURITY.md). Without keys, payloads are plain.
+
+    Every key decrypts; the `encrypt_key_id` one (by default the first) encrypts, so keys rotate by
+    putting a new key first and keeping the old ones for the payloads written before.
+    """
+
+    # A refused key must not be echoed back into an error message or a log.
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_CODEC_", hide_input_in_errors=True)
+
+    keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='JSON object in OUTBOUND_CODEC_KEYS: key id -> base64 of 32 random bytes, newest first, '
+                    'e.g. {"2026-06": "<base64>", "2026-01": "<base64>"}',
+    )
+    encrypt_key_id: str | None = Field(default=None, description="Key id new payloads use; default: the first key")
+    server_token: SecretStr | None = Field(
+        default=None, description="Bearer token the codec server requires (`Authorization: Bearer <token>`)")
+    ui_origin: str = Field(default="http://127.0.0.1:8233",
+                           description="The one browser origin (the Temporal Web UI) the codec server answers")
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_are_aes_256(cls, keys: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for key_id, secret in keys.items():
+            if not re.match(CODEC_KEY_ID_PATTERN, key_id):
+                raise ValueError(f"key id {key_id!r} must be 1-64 characters of letters, digits and . _ : - "
+                                 "(it is written into every payload's metadata)")
+            try:
+                material = base64.b64decode(secret.get_secret_value(), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"key {key_id!r} is not base64 (make one with "
+                                 "`python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())'`)"
+                                 ) from None
+            if len(material) != CODEC_KEY_BYTES:
+                raise ValueError(f"key {key_id!r} is {len(material)} bytes; AES-256-GCM needs exactly "
+                                 f"{CODEC_KEY_BYTES} (base64 of 32 random bytes)")
+        return keys
+
+    @field_validator("ui_origin")
+    @classmethod
+    def _origin_is_one_origin(cls, origin: str) -> str:
+        origin = origin.rstrip("/")
+        if not re.match(r"^https?://[^/\s*]+$", origin):
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path, no wildcard)")
+        return origin
+
+    @model_validator(mode="after")
+    def _encrypt_key_is_configured(self) -> CodecSettings:
+        if self.encrypt_key_id is None:
+            self.encrypt_key_id = next(iter(self.keys), None)
+        elif self.encrypt_key_id not in self.keys:
+            known = ", ".join(self.keys) or "none"
+            raise ValueError(f"OUTBOUND_CODEC_ENCRYPT_KEY_ID {self.encrypt_key_id!r} is not a key of "
+                             f"OUTBOUND_CODEC_KEYS (configured: {known})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def key_material(self) -> dict[str, bytes]:
+        """Key id -> the 32 key bytes, in the configured order."""
+        return {key_id: base64.b64decode(secret.get_secret_value()) for key_id, secret in self.keys.items()}
+
+
 class Settings(BaseSettings):
     """All settings of a worker or starter process."""
 
@@ -125,3 +198,4 @@ class Settings(BaseSettings):
     spapi: SpapiSettings = Field(default_factory=SpapiSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     trace: TraceSettings = Field(default_factory=TraceSettings)
+    codec: CodecSettings = Field(default_factory=CodecSettings)

@@ -134,9 +134,7 @@ class ReplyDeliveryWorkflow:
             result = await self._attempts("spapi_send", policies.SPAPI_SEND, self._spapi_send)
         except _StepFailed as failed:
             if failed.kind == "ambiguous":
-                return await self._await_operator(
-                    f"SP-API outcome unknown ({failed.message}); the message may have been sent - "
-                    "no automatic SMTP send")
+                return await self._await_operator(f"SP-API outcome unknown ({failed.message}) - no automatic SMTP send")
             if failed.kind == "permanent":
                 return self._fall_back(f"SP-API refused ({failed.message}) - SMTP fallback used")
             return self._fall_back(f"SP-API failed after {failed.attempts} attempts ({failed.message}) - "
