@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
@@ -383,7 +384,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
             args.request = request_from_args(args)  # refuse bad input before touching the network
         settings = Settings()
         client = await Client.connect(settings.temporal.address, namespace=settings.temporal.namespace,
-                                      data_converter=data_converter())
+                                      data_converter=data_converter(settings.codec))
         return await COMMANDS[args.command](client, args)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
@@ -391,7 +392,12 @@ async def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(asyncio.run(run()))
+    code = asyncio.run(run())
+    # The Temporal client's native threads can abort a normal interpreter shutdown
+    # ("PyGILState_Release", temporalio/sdk-python#300), which would replace our exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

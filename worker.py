@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,8 +35,9 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 
 
 async def connect(settings: Settings) -> Client:
+    # data_converter() logs, once, whether payloads are encrypted or plain (OUTBOUND_CODEC_KEYS).
     return await Client.connect(settings.temporal.address, namespace=settings.temporal.namespace,
-                                data_converter=data_converter())
+                                data_converter=data_converter(settings.codec))
 
 
 @asynccontextmanager
@@ -84,3 +86,6 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+    # Skip interpreter teardown, which the client's native threads can abort (temporalio/sdk-python#300).
+    logging.shutdown()
+    os._exit(0)

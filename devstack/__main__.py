@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -45,6 +46,12 @@ def main() -> int:
         print("\nOpen:")
         for name, url in state["urls"].items():
             print(f"  {name:<9} {url}")
+        if "codec" in state["urls"]:
+            print(f"\nPayloads are encrypted. Read them with the codec server, e.g.\n"
+                  f"  .venv/bin/temporal workflow show --address {state['urls']['temporal']} -w ID --detailed "
+                  f"--codec-endpoint {state['urls']['codec']} --codec-auth \"Bearer $(cat {cfg.codec_token_file})\"")
+        else:
+            print("\nPayloads are PLAIN (not encrypted): set OUTBOUND_CODEC_KEYS to encrypt them (README, Security).")
         print("\nTry:  .venv/bin/python starter.py send --tenant acme --channel email --to you@example.org "
               "--subject Hello --body 'Hi there' --wait")
         if args.detach:
@@ -67,4 +74,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Exit without interpreter teardown: the Temporal client's native threads can abort it
+    # ("PyGILState_Release", temporalio/sdk-python#300) and turn a clean exit into 134.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
