@@ -99,6 +99,10 @@ class VaultSession:
         self._renew_at: float | None = None  # monotonic; None: never (ttl 0) or not renewable by us
         self._renewable = False
         self._full_ttl_s = 0
+        # Renewal also runs in the background: a worker idle past its token's lease must not find the
+        # token expired at its next read (a configured token cannot log in again).
+        self._closed = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def read(self, path: str, version: int | None) -> tuple[dict[str, Any], int]:
         """The secret's key/values and version number; one re-authentication and retry on a 403."""
@@ -110,7 +114,32 @@ class VaultSession:
         return self._read_once(path, version)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=self.settings.timeout_s + 1)
         self.client.adapter.close()
+
+    def _renew_in_background(self) -> None:
+        failures = 0
+        while True:
+            renew_at = self._renew_at
+            # Wake when renewal is due; look again at least every 5 s, since a login moves the lease.
+            wait = 5.0 if renew_at is None else min(5.0, max(0.0, renew_at - time.monotonic()))
+            if failures:
+                wait = max(wait, min(30.0, 2.0 ** failures))  # Vault down: back off, reads retry too
+            if self._closed.wait(wait):
+                return
+            if not self._renewal_due():
+                continue
+            with self._lock:
+                if not self._renewal_due():
+                    continue
+                try:
+                    self._renew_or_login()
+                    failures = 0
+                except Exception as exc:  # keep the thread alive; the read-time check is the backstop
+                    failures += 1
+                    log.warning("vault: background token renewal failed (%s); will try again", type(exc).__name__)
 
     def _read_once(self, path: str, version: int | None) -> tuple[dict[str, Any], int]:
         response = self.client.secrets.kv.v2.read_secret_version(
@@ -172,6 +201,10 @@ class VaultSession:
         self._full_ttl_s = full_ttl_s
         # Renew at 2/3 of the lease, as Vault's own lifetime watcher does; a ttl of 0 never expires.
         self._renew_at = time.monotonic() + ttl_s * 2 / 3 if ttl_s > 0 else None
+        if self._renew_at is not None and self._renewer is None and not self._closed.is_set():
+            self._renewer = threading.Thread(target=self._renew_in_background, name="vault-token-renewal",
+                                             daemon=True)
+            self._renewer.start()
 
     def _renew_or_login(self) -> None:
         if self._renewable and self._renew():

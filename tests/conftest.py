@@ -6,6 +6,9 @@ wheels installed in the virtualenv.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import re
 import shutil
@@ -22,8 +25,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.trace_store import TraceStore
 from delivery import search_attributes as sa
-from delivery.history import trace_from_history
 from delivery.converter import data_converter
+from delivery.history import trace_from_history
 from delivery.models import DeliveryTrace, ReplyRequest
 from delivery.settings import (
     Settings,
@@ -176,9 +179,6 @@ class Deliveries:
         live = result.model_dump(mode="json")
         assert [(e["step"], e["outcome"], e["attempt"]) for e in rebuilt.model_dump(mode="json")["events"]] == [
             (e["step"], e["outcome"], e["attempt"]) for e in live["events"]]
-        if rebuilt.model_dump(mode="json") != live:
-            Path("/tmp/rebuilt.json").write_text(rebuilt.model_dump_json(indent=1))
-            Path("/tmp/live.json").write_text(result.model_dump_json(indent=1))
         assert rebuilt.model_dump(mode="json") == live, "the trace rebuilt from history differs from the live one"
         stored = await stored_trace(self.settings, result.delivery_id)
         assert stored == result, "the delivery_trace row differs from the workflow's trace"
@@ -187,6 +187,27 @@ class Deliveries:
             HISTORIES.mkdir(exist_ok=True)
             name = re.sub(r"[^A-Za-z0-9_]+", "_", self.test_name).strip("_")
             (HISTORIES / f"{name}_{self.count}.json").write_text(history.to_json())
+
+
+def readable_history(exported: str) -> str:
+    """An exported history with its payloads decoded: payload data is base64 in the JSON export."""
+    parts = [exported]
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and len(node) >= 8:
+            try:
+                parts.append(base64.b64decode(node, validate=True).decode("utf-8"))
+            except (binascii.Error, UnicodeDecodeError):
+                pass
+
+    walk(json.loads(exported))
+    return "\n".join(parts)
 
 
 async def stored_trace(settings: Settings, delivery_id: str) -> DeliveryTrace | None:
