@@ -15,13 +15,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 import httpx
-from activities.spapi import SpapiActivities
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.credentials import CredentialsActivities, CredentialStore
 from activities.orders import resolve_order_id
 from activities.smtp import SmtpActivities
+from activities.spapi import SpapiActivities
 from activities.trace_store import TraceActivities, TraceStore
 from delivery import search_attributes
 from delivery.converter import data_converter

@@ -9,6 +9,7 @@ outcome is `ambiguous`, the workflow sends again, and the stable `Message-ID`
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Callable
 from contextlib import suppress
@@ -125,7 +126,8 @@ async def _send(relay: SmtpSettings, message: EmailMessage) -> str:
     except ApplicationError:
         raise
     except Exception as exc:
-        raise classify_smtp_error(exc, after_data=transaction.after_data) from exc
+        # `from None`: aiosmtplib's exceptions carry the recipient; they must not reach logs or history.
+        raise classify_smtp_error(exc, after_data=transaction.after_data) from None
     finally:
         client.close()
     return f"{reply.code} {reply.message}"
@@ -226,9 +228,18 @@ def classify_smtp_error(exc: BaseException, *, after_data: bool) -> ApplicationE
     return transient(f"SMTP attempt failed before the message was sent: {cause}")
 
 
+_ADDRESS = re.compile(r"[^\s<>()\[\]@\"',;:]+@[^\s<>()\[\]@\"',;:]+")
+
+
+def redact_addresses(text: str) -> str:
+    """Relays quote the recipient (`550 5.1.1 <jane@example.org>: Recipient address rejected`): the address
+    is personal data and must not reach the trace row or the logs."""
+    return _ADDRESS.sub("<address>", text)
+
+
 def _reply_text(code: int, message: str) -> str:
-    """`SMTP 550 5.1.1 mailbox unavailable`, on one line (multi-line replies are joined)."""
-    return " ".join(f"SMTP {code} {message}".split())
+    """`SMTP 550 5.1.1 <address>: ...`, on one line (multi-line replies are joined), addresses redacted."""
+    return redact_addresses(" ".join(f"SMTP {code} {message}".split()))
 
 
 def _certificate_error(exc: BaseException) -> str | None:
@@ -244,4 +255,4 @@ def _certificate_error(exc: BaseException) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return redact_addresses(" ".join(str(exc).split())) or type(exc).__name__

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
-ORDER_ID_PATTERN = r"\d{3}-\d{7}-\d{7}"
+# ASCII digits only: \d would also take other scripts' digits (e.g. Arabic-Indic).
+ORDER_ID_PATTERN = r"[0-9]{3}-[0-9]{7}-[0-9]{7}"
 ORDER_ID_RE = re.compile(rf"^{ORDER_ID_PATTERN}$")
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # Also the local part of the SMTP Message-ID: a dot-atom, so no "..", no leading or trailing dot.

@@ -17,7 +17,7 @@ from delivery import TASK_QUEUE
 
 
 class TemporalSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_TEMPORAL_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_TEMPORAL_", hide_input_in_errors=True)
 
     address: str = "localhost:7233"
     namespace: str = "default"
@@ -25,7 +25,7 @@ class TemporalSettings(BaseSettings):
 
 
 class VaultSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_VAULT_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_VAULT_", hide_input_in_errors=True)
 
     addr: str = "http://127.0.0.1:8200"
     token: SecretStr | None = None
@@ -43,7 +43,7 @@ class VaultSettings(BaseSettings):
 
 
 class SpapiSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_SPAPI_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_SPAPI_", hide_input_in_errors=True)
 
     endpoint: str | None = Field(default=None, description="Override the regional endpoint (stand-in, sandbox)")
     lwa_endpoint: str = "https://api.amazon.com/auth/o2/token"
@@ -80,7 +80,7 @@ class SmtpTenantOverride(BaseModel):
 
 
 class SmtpSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_SMTP_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_SMTP_", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = 587
@@ -113,7 +113,7 @@ class SmtpSettings(BaseSettings):
 
 
 class TraceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_TRACE_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_TRACE_", hide_input_in_errors=True)
 
     database_url: str = "sqlite+aiosqlite:///.devstack/delivery_trace.db"
 
@@ -191,7 +191,7 @@ class CodecSettings(BaseSettings):
 class Settings(BaseSettings):
     """All settings of a worker or starter process."""
 
-    model_config = SettingsConfigDict(env_prefix="OUTBOUND_")
+    model_config = SettingsConfigDict(env_prefix="OUTBOUND_", hide_input_in_errors=True)
 
     temporal: TemporalSettings = Field(default_factory=TemporalSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)

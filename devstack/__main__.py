@@ -47,9 +47,11 @@ def main() -> int:
         for name, url in state["urls"].items():
             print(f"  {name:<9} {url}")
         if "codec" in state["urls"]:
+            token = ("$OUTBOUND_CODEC_SERVER_TOKEN" if os.environ.get("OUTBOUND_CODEC_SERVER_TOKEN")
+                     else f"$(cat {cfg.codec_token_file})")
             print(f"\nPayloads are encrypted. Read them with the codec server, e.g.\n"
                   f"  .venv/bin/temporal workflow show --address {state['urls']['temporal']} -w ID --detailed "
-                  f"--codec-endpoint {state['urls']['codec']} --codec-auth \"Bearer $(cat {cfg.codec_token_file})\"")
+                  f"--codec-endpoint {state['urls']['codec']} --codec-auth \"Bearer {token}\"")
         else:
             print("\nPayloads are PLAIN (not encrypted): set OUTBOUND_CODEC_KEYS to encrypt them (README, Security).")
         print("\nTry:  .venv/bin/python starter.py send --tenant acme --channel email --to you@example.org "

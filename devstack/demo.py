@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from delivery.converter import data_converter
 from delivery.models import DeliveryTrace, ReplyRequest
+from delivery.settings import CodecSettings
 from starter import format_trace, start_delivery
 
 RELAY = "b9x2k4m7q1z8@marketplace.amazon.fr"
@@ -52,7 +53,7 @@ DEMOS = [
 
 async def run_demos(state: dict[str, Any], task_queue: str = "reply-delivery") -> list[DeliveryTrace]:
     urls = state["urls"]
-    client = await Client.connect(urls["temporal"], data_converter=data_converter())
+    client = await Client.connect(urls["temporal"], data_converter=data_converter(CodecSettings()))
     traces = []
     stamp = int(time.time())
     async with httpx.AsyncClient(timeout=10) as http:

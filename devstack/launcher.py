@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery import search_attributes as sa
+from delivery.settings import CodecSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_FILE = Path(__file__).resolve().parent / "seed.json"
@@ -40,6 +43,7 @@ class DevstackSettings(BaseSettings):
     spapi_port: int = 8701
     smtp_port: int = 1025
     smtp_http_port: int = 8025
+    codec_port: int = 8081  # the codec server, started when OUTBOUND_CODEC_KEYS is set
     namespace: str = "default"
     state_dir: Path = ROOT / ".devstack"  # Temporal's SQLite file, the trace DB, logs, stack.json
 
@@ -50,6 +54,10 @@ class DevstackSettings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def codec_token_file(self) -> Path:
+        return self.state_dir / "codec_token"
 
 
 class StackError(Exception):
@@ -91,8 +99,33 @@ def worker_env(cfg: DevstackSettings) -> dict[str, str]:
     return {**defaults, **{k: v for k, v in os.environ.items() if k.startswith("OUTBOUND_")}}
 
 
+def codec_env(cfg: DevstackSettings) -> dict[str, str]:
+    """The codec server's token: OUTBOUND_CODEC_SERVER_TOKEN, else one made for this state dir (kept, mode 0600)."""
+    token = os.environ.get("OUTBOUND_CODEC_SERVER_TOKEN")
+    if not token:
+        if cfg.codec_token_file.exists():
+            token = cfg.codec_token_file.read_text().strip()
+        else:
+            token = secrets.token_urlsafe(32)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(cfg.codec_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token + "\n")
+    return {"OUTBOUND_CODEC_SERVER_TOKEN": token,
+            "OUTBOUND_CODEC_UI_ORIGIN": os.environ.get("OUTBOUND_CODEC_UI_ORIGIN", f"http://127.0.0.1:{cfg.ui_port}")}
+
+
+def codec_enabled() -> bool:
+    """Payloads are encrypted in this stack: OUTBOUND_CODEC_KEYS is set (StackError when it is not valid)."""
+    try:
+        return CodecSettings().enabled
+    except ValidationError as err:
+        raise StackError(f"the OUTBOUND_CODEC_* settings are not valid: {err}") from None
+
+
 def services(cfg: DevstackSettings) -> list[Service]:
     py = sys.executable
+    encrypted = codec_enabled()
     temporal_args = [
         temporal_binary(), "server", "start-dev",
         "--ip", "127.0.0.1", "--port", str(cfg.temporal_port), "--ui-port", str(cfg.ui_port),
@@ -101,6 +134,10 @@ def services(cfg: DevstackSettings) -> list[Service]:
     ]
     for key in sa.ALL:
         temporal_args += ["--search-attribute", f"{key.name}=Keyword"]
+    if encrypted:
+        temporal_args += ["--ui-codec-endpoint", f"http://127.0.0.1:{cfg.codec_port}"]
+    codec = [Service("codec", [py, "-m", "delivery.codec_server", "--port", str(cfg.codec_port)],
+                     {"http": cfg.codec_port}, cfg.codec_port, env=codec_env(cfg))] if encrypted else []
     return [
         Service("temporal", temporal_args, {"grpc": cfg.temporal_port, "ui": cfg.ui_port}, cfg.temporal_port),
         Service("vault", [py, "-m", "devstack.vault", "--port", str(cfg.vault_port), "--seed", str(SEED_FILE),
@@ -110,11 +147,13 @@ def services(cfg: DevstackSettings) -> list[Service]:
         Service("smtp", [py, "-m", "devstack.smtp", "--smtp-port", str(cfg.smtp_port),
                          "--http-port", str(cfg.smtp_http_port)],
                 {"smtp": cfg.smtp_port, "http": cfg.smtp_http_port}, cfg.smtp_http_port),
+        *codec,
         Service("worker", [py, str(ROOT / "worker.py")], {}, 0, env=worker_env(cfg)),
     ]
 
 
 def urls(cfg: DevstackSettings) -> dict[str, str]:
+    codec = {"codec": f"http://127.0.0.1:{cfg.codec_port}"} if codec_enabled() else {}
     return {
         "temporal": f"127.0.0.1:{cfg.temporal_port}",
         "web_ui": f"http://127.0.0.1:{cfg.ui_port}/namespaces/{cfg.namespace}/workflows",
@@ -123,6 +162,7 @@ def urls(cfg: DevstackSettings) -> dict[str, str]:
         "smtp": f"127.0.0.1:{cfg.smtp_port}",
         "mail_ui": f"http://127.0.0.1:{cfg.smtp_http_port}/",
         "trace_db": str(cfg.state_dir / "delivery_trace.db"),
+        **codec,
     }
 
 
@@ -183,7 +223,8 @@ def _write_state(cfg: DevstackSettings, started: list[Service]) -> dict[str, Any
     state: dict[str, Any] = {
         "urls": urls(cfg),
         "services": [{k: v for k, v in asdict(svc).items() if k != "env"} for svc in started],
-        "worker_env": {k: v for k, v in worker_env(cfg).items() if "TOKEN" not in k and "PASSWORD" not in k},
+        "worker_env": {k: v for k, v in worker_env(cfg).items()
+                       if not any(word in k for word in ("TOKEN", "PASSWORD", "SECRET", "KEYS"))},
     }
     cfg.stack_file.write_text(json.dumps(state, indent=2))
     return state

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
@@ -71,7 +72,9 @@ class _StepFailed(Exception):
         self.attempts = attempts
 
 
-@workflow.defn(name="ReplyDeliveryWorkflow")
+# Input that fails validation (another language's caller sent bad JSON) fails the workflow with the
+# field named, instead of retrying the workflow task forever.
+@workflow.defn(name="ReplyDeliveryWorkflow", failure_exception_types=[ValidationError])
 class ReplyDeliveryWorkflow:
     @workflow.init
     def __init__(self, request: ReplyRequest) -> None:
