@@ -201,8 +201,8 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
             if "'" in value:
                 raise BadInput(f"{key.name} filter must not contain quotes")
             clauses.append(f"{key.name} = '{value}'")
-    if args.since:
-        clauses.append(f"StartTime >= '{_parse_since(args.since)}'")
+    if args.since:  # already checked and made RFC 3339 by run()
+        clauses.append(f"StartTime >= '{args.since}'")
     rows = []
     async for execution in client.list_workflows(" AND ".join(clauses), limit=args.limit):
         attrs = execution.typed_search_attributes
@@ -227,8 +227,10 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def _parse_since(value: str) -> str:
+    """An RFC 3339 time for visibility; a date or time without a zone is taken as local time."""
     try:
-        return datetime.fromisoformat(value).isoformat()
+        since = datetime.fromisoformat(value)
+        return (since if since.tzinfo else since.astimezone()).isoformat()
     except ValueError:
         raise BadInput(f"--since: {value!r} is not an ISO date or time (e.g. 2026-12-01 or "
                        "2026-12-01T08:00:00+00:00)") from None
@@ -380,8 +382,11 @@ async def run(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "schema":
             return cmd_schema(args)
+        # Refuse bad input before touching the network.
         if args.command == "send":
-            args.request = request_from_args(args)  # refuse bad input before touching the network
+            args.request = request_from_args(args)
+        if args.command == "list" and args.since:
+            args.since = _parse_since(args.since)
         settings = Settings()
         client = await Client.connect(settings.temporal.address, namespace=settings.temporal.namespace,
                                       data_converter=data_converter(settings.codec))

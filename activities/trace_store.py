@@ -7,15 +7,16 @@ of an older write never overwrites a newer state. SQLite by default, any SQLAlch
 from __future__ import annotations
 
 import logging
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
-    Integer,
     MetaData,
     String,
     Table,
@@ -54,7 +55,7 @@ delivery_trace = Table(
     Column("spapi_request_id", String(128)),
     Column("email_message_id", String(512)),
     Column("events", JSON, nullable=False),
-    Column("sequence", Integer, nullable=False),
+    Column("sequence", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -88,10 +89,18 @@ def create_engine(database_url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _wal(dbapi_connection: Any, _record: Any) -> None:
-            # WAL lets the help-desk read rows while the worker writes.
+            # WAL lets the help-desk read rows while the worker writes. The mode is kept in the file, and
+            # switching a new file takes an exclusive lock: when another connection (a second worker
+            # starting) holds it, that one switches the file and this one goes on.
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.close()
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                log.debug("delivery_trace: another connection is switching %s to WAL", url.database)
+            finally:
+                cursor.close()
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)
@@ -164,8 +173,11 @@ class TraceActivities:
             written = await self.store.upsert(input.trace, input.sequence)
         except (SQLAlchemyError, OSError) as exc:
             # The trace store being down must never fail a delivery: the workflow retries this forever
-            # at a capped interval; the delivery itself goes on.
-            raise failures.transient(f"trace store unavailable: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            # at a capped interval; the delivery itself goes on. The failure carries one line, not the
+            # driver's traceback chain: with it the server stores "Failure exceeds size limit." as the
+            # pending activity's last failure, which is what ops read while the delivery waits.
+            log.debug("delivery %s: trace store unavailable", input.trace.delivery_id, exc_info=exc)
+            raise failures.transient(f"trace store unavailable: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         if not written:
             log.info("delivery %s: trace sequence %d is not newer than the stored row; kept the stored one",
                      input.trace.delivery_id, input.sequence)

@@ -21,12 +21,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
+from temporalio.testing import WorkflowEnvironment
 
-from delivery import search_attributes as sa  # noqa: E402
-from delivery.converter import data_converter  # noqa: E402
-from delivery.models import ReplyRequest  # noqa: E402
-from delivery.settings import (  # noqa: E402
+from delivery import search_attributes as sa
+from delivery.converter import data_converter
+from delivery.models import ReplyRequest
+from delivery.settings import (
     Settings,
     SmtpSettings,
     SpapiSettings,
@@ -34,11 +34,11 @@ from delivery.settings import (  # noqa: E402
     TraceSettings,
     VaultSettings,
 )
-from devstack.smtp import SmtpSink  # noqa: E402
-from devstack.spapi import SpapiStandIn  # noqa: E402
-from devstack.vault import VaultStandIn  # noqa: E402
-from starter import new_delivery_id, start_delivery  # noqa: E402
-from worker import delivery_worker  # noqa: E402
+from devstack.smtp import SmtpSink
+from devstack.spapi import SpapiStandIn
+from devstack.vault import VaultStandIn
+from starter import new_delivery_id, start_delivery
+from worker import delivery_worker
 
 VAULT_TOKEN = "bench-root"
 APP = {"client_id": "amzn1.application-oa2-client.bench", "client_secret": "bench-secret", "region": "eu"}

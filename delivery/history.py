@@ -8,6 +8,7 @@ converter (and so its codec), and a history the current code cannot replay is re
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 from temporalio import workflow
@@ -22,7 +23,7 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
-from delivery.models import DeliveryTrace
+from delivery.models import DeliveryTrace, ReplyRequest
 
 # Replays run unsandboxed (the code is deterministic and does no I/O), so this module-level map is
 # shared with the replayed workflow: workflow id -> the workflow instance being replayed.
@@ -49,6 +50,9 @@ class _CaptureInterceptor(Interceptor):
 async def trace_from_history(history: WorkflowHistory, converter: DataConverter) -> DeliveryTrace:
     from workflows.reply_delivery import ReplyDeliveryWorkflow
 
+    if not any(event.HasField("workflow_task_completed_event_attributes") for event in history.events):
+        # No worker has run the delivery yet: replaying would run its first step ahead of time.
+        return await _trace_before_first_task(history, converter)
     key = history.workflow_id
     replayer = Replayer(
         workflows=[ReplyDeliveryWorkflow],
@@ -68,3 +72,10 @@ async def trace_from_history(history: WorkflowHistory, converter: DataConverter)
         _instances.pop(key, None)
     return trace
 
+
+
+async def _trace_before_first_task(history: WorkflowHistory, converter: DataConverter) -> DeliveryTrace:
+    started = history.events[0]
+    payloads = started.workflow_execution_started_event_attributes.input.payloads
+    [request] = await converter.decode(payloads, [ReplyRequest])
+    return DeliveryTrace.begin(request, started.event_time.ToDatetime(tzinfo=UTC))

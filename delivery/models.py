@@ -215,7 +215,8 @@ class SmtpSendResult(Contract):
 
 class PersistTraceInput(Contract):
     trace: DeliveryTrace
-    sequence: int = Field(description="Monotonic per delivery: a lower sequence never overwrites a higher.")
+    sequence: int = Field(description="Grows with every write of a delivery (workflow time in microseconds x 1000 "
+                                      "+ write number): a lower sequence never overwrites a higher.")
 
 
 # --- operator actions (Updates with validators, same names as Signals) ---------------------------

@@ -19,14 +19,14 @@ from tests.conftest import ORDER_ID, TENANT, Deliveries, stored_trace
 
 
 async def wait_for_trace(handle: WorkflowHandle[Any, Any], condition: Callable[[DeliveryTrace], bool],
-                         timeout: float = 20.0) -> DeliveryTrace:
-    deadline = asyncio.get_running_loop().time() + timeout
+                         within_s: float = 20.0) -> DeliveryTrace:
+    deadline = asyncio.get_running_loop().time() + within_s
     while True:
         trace = await handle.query("trace", result_type=DeliveryTrace)
         if condition(trace):
             return trace
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s; trace: {trace.model_dump_json(indent=1)}")
+            raise AssertionError(f"condition not met in {within_s}s; trace: {trace.model_dump_json(indent=1)}")
         await asyncio.sleep(0.1)
 
 

@@ -467,8 +467,8 @@ class ReplyDeliveryWorkflow:
                 self._event("operator", "not_applied", detail=f"{action.name}: delivery already {self.trace.status}")
 
     def _event(self, step: str, outcome: str, attempt: int | None = None, detail: str | None = None) -> None:
-        self.trace.events.append(TraceEvent(at=self.clock or workflow.now(), step=step, outcome=outcome, attempt=attempt,
-                                            detail=detail))
+        at = self.clock or workflow.now()
+        self.trace.events.append(TraceEvent(at=at, step=step, outcome=outcome, attempt=attempt, detail=detail))
 
     def _set_status(self, status: DeliveryStatus, note: str | None = None) -> None:
         if note is not None:
@@ -502,10 +502,13 @@ class ReplyDeliveryWorkflow:
 
     def _start_persist(self) -> Awaitable[Any]:
         """Write the trace row in the background: a slow or down trace store never holds up a delivery."""
+        # Ordered by workflow time, then by write within one workflow task: unlike a plain counter it
+        # keeps growing in the new run after `temporal workflow reset`, so the row follows the new run.
         self.sequence += 1
+        sequence = int(workflow.now().timestamp() * 1_000_000) * 1000 + self.sequence % 1000
         handle = workflow.start_activity(
             "persist_trace",
-            PersistTraceInput(trace=self.trace.model_copy(deep=True), sequence=self.sequence),
+            PersistTraceInput(trace=self.trace.model_copy(deep=True), sequence=sequence),
             start_to_close_timeout=policies.PERSIST_TRACE_TIMEOUT,
             retry_policy=policies.PERSIST_TRACE,
             summary=f"delivery_trace row: {self.trace.status}",
@@ -516,7 +519,14 @@ class ReplyDeliveryWorkflow:
     async def _persist_final(self) -> None:
         """The final write, awaited (and every earlier one), so the row ends in the final state."""
         self._start_persist()
-        await asyncio.gather(*self.persists, return_exceptions=True)
+        writes = asyncio.gather(*self.persists, return_exceptions=True)
+        try:
+            # Shielded: a cancel that arrives while the trace store is down must not cancel the writes,
+            # or the row would never show how the delivery ended.
+            await asyncio.shield(writes)
+        except asyncio.CancelledError:
+            await writes
+            raise
 
 
 def _seconds(delay: timedelta) -> str:
