@@ -228,7 +228,7 @@ def classify_smtp_error(exc: BaseException, *, after_data: bool) -> ApplicationE
     return transient(f"SMTP attempt failed before the message was sent: {cause}")
 
 
-_ADDRESS = re.compile(r"[^\s<>()\[\]@\"',;:]+@[^\s<>()\[\]@\"',;:]+")
+_ADDRESS = re.compile(r"<?[^\s<>()\[\]@\"',;:]+@[^\s<>()\[\]@\"',;:]+>?")  # with its <>, if any
 
 
 def redact_addresses(text: str) -> str:

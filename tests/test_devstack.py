@@ -69,3 +69,25 @@ def test_devstack_up_demo_send_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not (tmp_path / "stack.json").exists()
     assert pids and not [pid for pid in pids if alive(pid)], "devstack down left processes running"
+
+
+def test_a_port_in_use_is_reported_by_name_before_anything_starts(tmp_path: Path) -> None:
+    temporal, ui, spapi, smtp, smtp_http, codec = free_ports(6)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        vault = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
+        env.update({
+            "OUTBOUND_DEVSTACK_STATE_DIR": str(tmp_path), "OUTBOUND_DEVSTACK_TEMPORAL_PORT": str(temporal),
+            "OUTBOUND_DEVSTACK_UI_PORT": str(ui), "OUTBOUND_DEVSTACK_VAULT_PORT": str(vault),
+            "OUTBOUND_DEVSTACK_SPAPI_PORT": str(spapi), "OUTBOUND_DEVSTACK_SMTP_PORT": str(smtp),
+            "OUTBOUND_DEVSTACK_SMTP_HTTP_PORT": str(smtp_http), "OUTBOUND_DEVSTACK_CODEC_PORT": str(codec),
+        })
+        up = subprocess.run([sys.executable, "-m", "devstack", "up", "--detach"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+
+    assert up.returncode == 2
+    assert f"port already in use: vault http port {vault}" in up.stderr
+    assert "Traceback" not in up.stderr
+    assert not (tmp_path / "stack.json").exists()
