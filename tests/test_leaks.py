@@ -308,7 +308,8 @@ async def evidence(worker_logs: list[logging.LogRecord], spapi_server: SpapiStan
                                                  data_converter=data_converter(CODEC),
                                                  search_attributes=list(sa.ALL), dev_server_log_level="error")
     async with live:
-        raw_client = await Client.connect(live.client.service_client.config.target_host)  # no codec
+        raw_client = await Client.connect(live.client.service_client.config.target_host,
+                                           data_converter=data_converter())  # no codec
         async with delivery_worker(live.client, settings):
             for branch in BRANCHES:
                 if not branch.skipping:
@@ -325,7 +326,8 @@ async def evidence(worker_logs: list[logging.LogRecord], spapi_server: SpapiStan
     skipping = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"), data_converter=data_converter(CODEC))
     async with skipping:
-        raw_client = await Client.connect(skipping.client.service_client.config.target_host)
+        raw_client = await Client.connect(skipping.client.service_client.config.target_host,
+                                           data_converter=data_converter())  # no codec
         async with delivery_worker(skipping.client, settings):
             for branch in BRANCHES:
                 if branch.skipping:
