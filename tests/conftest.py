@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +55,18 @@ VAULT_TOKEN = "dev-root-token-secret"
 SECRET_VALUES = (APP_SECRET["client_secret"], REFRESH_TOKEN, VAULT_TOKEN)
 ORDER_ID = "402-1234567-7654321"
 RELAY_ADDRESS = "x7kq2m9vzp3b4@marketplace.amazon.fr"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on right now (for servers started as subprocesses)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _binary(name: str) -> str:
@@ -126,16 +139,22 @@ def smtp(smtp_server: SmtpSink) -> SmtpSink:
     return smtp_server
 
 
-@pytest.fixture
-def settings(spapi: SpapiStandIn, vault: VaultStandIn, smtp: SmtpSink, tmp_path: Path) -> Settings:
+def settings_for(spapi: SpapiStandIn, vault: VaultStandIn, smtp: SmtpSink, database: Path, **more: Any) -> Settings:
+    """A worker's settings pointing at the stand-ins, its own task queue and a SQLite trace store."""
     return Settings(
         temporal=TemporalSettings(task_queue=f"test-{uuid.uuid4()}"),
         vault=VaultSettings(addr=vault.url, token=VAULT_TOKEN),
         spapi=SpapiSettings(endpoint=spapi.url, lwa_endpoint=f"{spapi.url}/auth/o2/token"),
         smtp=SmtpSettings(host="127.0.0.1", port=smtp.smtp_port, security="none",
                           from_address="support@acme-shop.example"),
-        trace=TraceSettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'trace.db'}"),
+        trace=TraceSettings(database_url=f"sqlite+aiosqlite:///{database}"),
+        **more,
     )
+
+
+@pytest.fixture
+def settings(spapi: SpapiStandIn, vault: VaultStandIn, smtp: SmtpSink, tmp_path: Path) -> Settings:
+    return settings_for(spapi, vault, smtp, tmp_path / "trace.db")
 
 
 HISTORIES = Path(__file__).resolve().parent / "histories"

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "img" / "web-ui-delivery.png"
@@ -63,17 +64,6 @@ pytestmark = [
     pytest.mark.skipif(chromium_binary() is None,
                        reason="Chromium is not installed (Debian: apt-get install chromium; .ci/run does it as root)"),
 ]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_browser import Page, chromium, chromium_binary, free_ports
+from tests.conftest import free_ports
+from tests.test_browser import Page, chromium, chromium_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "browser-codec-token-" + base64.urlsafe_b64encode(os.urandom(12)).decode()

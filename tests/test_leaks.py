@@ -17,7 +17,6 @@ import base64
 import logging
 import os
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +37,6 @@ from delivery.models import DeliveryTrace, OperatorActionInput, ReplyRequest
 from delivery.settings import (
     CodecSettings,
     Settings,
-    SmtpSettings,
-    SpapiSettings,
-    TemporalSettings,
-    TraceSettings,
-    VaultSettings,
 )
 from devstack.smtp import SmtpSink
 from devstack.spapi import SpapiStandIn
@@ -56,8 +50,8 @@ from tests.conftest import (
     SELLER_ID,
     TENANT,
     TENANT_SECRET,
-    VAULT_TOKEN,
     _binary,
+    settings_for,
 )
 from worker import delivery_worker
 
@@ -284,15 +278,7 @@ async def collect(ran: Ran, raw_client: Client, codec: EncryptionCodec | None, d
 
 def leak_settings(spapi: SpapiStandIn, vault: VaultStandIn, smtp: SmtpSink, database: Path, codec: CodecSettings
                   ) -> Settings:
-    return Settings(
-        temporal=TemporalSettings(task_queue=f"leaks-{uuid.uuid4()}"),
-        vault=VaultSettings(addr=vault.url, token=VAULT_TOKEN),
-        spapi=SpapiSettings(endpoint=spapi.url, lwa_endpoint=f"{spapi.url}/auth/o2/token"),
-        smtp=SmtpSettings(host="127.0.0.1", port=smtp.smtp_port, security="none",
-                          from_address="support@acme-shop.example"),
-        trace=TraceSettings(database_url=f"sqlite+aiosqlite:///{database}"),
-        codec=codec,
-    )
+    return settings_for(spapi, vault, smtp, database, codec=codec)
 
 
 @pytest_asyncio.fixture(scope="module")

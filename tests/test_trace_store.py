@@ -30,7 +30,7 @@ from delivery.models import DeliveryTrace, OperatorActionInput, OperatorActionRe
 from delivery.settings import Settings, TraceSettings
 from devstack.smtp import SmtpSink
 from devstack.spapi import SpapiStandIn
-from tests.conftest import ORDER_ID, RELAY_ADDRESS, Deliveries
+from tests.conftest import ORDER_ID, RELAY_ADDRESS, Deliveries, stored_trace
 from worker import delivery_worker
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -297,15 +297,6 @@ async def wait_until(condition: Any, what: str, within_s: float = 20.0) -> Any:
         await asyncio.sleep(0.1)
 
 
-async def _stored(settings: Settings, delivery_id: str) -> DeliveryTrace | None:
-    store = TraceStore.from_url(settings.trace.database_url)
-    try:
-        row = await store.get(delivery_id)
-    finally:
-        await store.close()
-    return row[0] if row else None
-
-
 async def _query(handle: WorkflowHandle[Any, Any]) -> DeliveryTrace:
     trace: DeliveryTrace = await handle.query("trace", result_type=DeliveryTrace)
     return trace
@@ -353,7 +344,7 @@ async def test_awaiting_action_row_then_operator_retry(store_deliveries: Deliver
     settings = store_deliveries.settings
 
     async def parked_row() -> DeliveryTrace | None:
-        row = await _stored(settings, handle.id)
+        row = await stored_trace(settings, handle.id)
         return row if row is not None and row.status == "awaiting_action" else None
 
     # While parked, the row is the awaiting_action state, the same as the query and the history.
