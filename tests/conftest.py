@@ -13,9 +13,12 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,36 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@dataclass
+class DetachedStack:
+    state: dict[str, Any]  # .devstack/stack.json: urls, services with their pids
+    env: dict[str, str]  # the environment the stack was started with (ports, state dir)
+    up: subprocess.CompletedProcess[str]
+
+
+@contextmanager
+def detached_devstack(state_dir: Path, *up_flags: str, extra_env: dict[str, str] | None = None,
+                      timeout: float = 180) -> Iterator[DetachedStack]:
+    """`python -m devstack up --detach` on free ports in `state_dir`; `down` afterwards, checked."""
+    names = ("TEMPORAL", "UI", "VAULT", "SPAPI", "SMTP", "SMTP_HTTP", "CODEC")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
+    env["OUTBOUND_DEVSTACK_STATE_DIR"] = str(state_dir)
+    env.update({f"OUTBOUND_DEVSTACK_{name}_PORT": str(port)
+                for name, port in zip(names, free_ports(len(names)), strict=True)})
+    devstack = [sys.executable, "-m", "devstack"]
+    root = Path(__file__).resolve().parents[1]
+    up = subprocess.run([*devstack, "up", "--detach", *up_flags], cwd=root, env={**env, **(extra_env or {})},
+                        capture_output=True, text=True, timeout=timeout)
+    stack_file = state_dir / "stack.json"
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield DetachedStack(json.loads(stack_file.read_text()), env, up)
+    finally:
+        down = subprocess.run([*devstack, "down"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not stack_file.exists(), "devstack down did not stop the stack"
 
 
 def _binary(name: str) -> str:

@@ -15,10 +15,8 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -30,7 +28,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import free_ports
+from tests.conftest import detached_devstack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "img" / "web-ui-delivery.png"
@@ -68,25 +66,10 @@ pytestmark = [
 
 @pytest.fixture
 def devstack(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """`python -m devstack up --detach` on free ports and its own state dir; `down` afterwards."""
-    names = ("TEMPORAL", "UI", "VAULT", "SPAPI", "SMTP", "SMTP_HTTP", "CODEC")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}  # plain payloads, defaults
-    env["OUTBOUND_DEVSTACK_STATE_DIR"] = str(tmp_path / "devstack")
-    ports = zip(names, free_ports(len(names)), strict=True)
-    env.update({f"OUTBOUND_DEVSTACK_{name}_PORT": str(port) for name, port in ports})
-    devstack = [sys.executable, "-m", "devstack"]
-    up = subprocess.run([*devstack, "up", "--detach"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    stack_file = tmp_path / "devstack" / "stack.json"
-    try:
-        # temporalio/sdk-python#300: a short-lived client process can abort in interpreter teardown
-        # ("PyGILState_Release", SIGABRT) after it has done everything; the stack is up all the same.
-        torn_down = up.returncode in (-signal.SIGABRT, 128 + signal.SIGABRT) and "PyGILState_Release" in up.stderr
-        assert up.returncode == 0 or (torn_down and "detached:" in up.stdout), up.stdout + up.stderr
-        assert "=== 3. Amazon order that allows no message type" in up.stdout, "the demo deliveries were not sent"
-        yield json.loads(stack_file.read_text())
-    finally:
-        subprocess.run([*devstack, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert not stack_file.exists(), "devstack down did not stop the stack"
+    """`python -m devstack up --detach` (with its demo deliveries) on free ports; `down` afterwards."""
+    with detached_devstack(tmp_path / "devstack", timeout=120) as stack:
+        assert "=== 3. Amazon order that allows no message type" in stack.up.stdout, "the demo deliveries were not sent"
+        yield stack.state
 
 
 class Page:

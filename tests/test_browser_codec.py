@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import detached_devstack
 from tests.test_browser import Page, chromium, chromium_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,35 +41,20 @@ pytestmark = [
 @pytest.fixture
 def encrypted_devstack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The dev stack with payload encryption and a known codec token, on free ports; one delivery sent."""
-    names = ("TEMPORAL", "UI", "VAULT", "SPAPI", "SMTP", "SMTP_HTTP", "CODEC")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
     keys = json.dumps({"browser-test": base64.b64encode(os.urandom(32)).decode()})
-    env["OUTBOUND_DEVSTACK_STATE_DIR"] = str(tmp_path / "devstack")
-    env.update({f"OUTBOUND_DEVSTACK_{name}_PORT": str(port)
-                for name, port in zip(names, free_ports(len(names)), strict=True)})
-    devstack = [sys.executable, "-m", "devstack"]
-    up = subprocess.run([*devstack, "up", "--detach", "--no-demo"], cwd=ROOT, capture_output=True, text=True,
-                        env={**env, "OUTBOUND_CODEC_KEYS": keys, "OUTBOUND_CODEC_SERVER_TOKEN": TOKEN}, timeout=40)
-    stack_file = tmp_path / "devstack" / "stack.json"
-    try:
-        # temporalio/sdk-python#300: a short-lived client process can abort in interpreter teardown.
-        torn_down = up.returncode in (-signal.SIGABRT, 128 + signal.SIGABRT) and "PyGILState_Release" in up.stderr
-        assert up.returncode == 0 or (torn_down and "detached:" in up.stdout), up.stdout + up.stderr
-        state = json.loads(stack_file.read_text())
-        assert "codec" in state["urls"], "the codec server was not started"
-
+    codec_env = {"OUTBOUND_CODEC_KEYS": keys, "OUTBOUND_CODEC_SERVER_TOKEN": TOKEN}
+    with detached_devstack(tmp_path / "devstack", "--no-demo", extra_env=codec_env, timeout=40) as stack:
+        assert "codec" in stack.state["urls"], "the codec server was not started"
         send = subprocess.run(
             [sys.executable, "starter.py", "send", "--tenant", "acme", "--channel", "email", "--to",
              "kettle.buyer@example.org", "--subject", "Your kettle", "--body", BODY, "--wait", "--json"],
             cwd=ROOT, capture_output=True, text=True, timeout=30,
-            env={**env, "OUTBOUND_TEMPORAL_ADDRESS": state["urls"]["temporal"], "OUTBOUND_CODEC_KEYS": keys})
+            env={**stack.env, "OUTBOUND_TEMPORAL_ADDRESS": stack.state["urls"]["temporal"],
+                 "OUTBOUND_CODEC_KEYS": keys})
         assert send.returncode == 0, send.stdout + send.stderr
         trace = json.loads(send.stdout)
         assert trace["status"] == "delivered"
-        yield {**state, "delivery_id": trace["delivery_id"], "state_dir": str(tmp_path / "devstack")}
-    finally:
-        subprocess.run([*devstack, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert not stack_file.exists(), "devstack down did not stop the stack"
+        yield {**stack.state, "delivery_id": trace["delivery_id"], "state_dir": str(tmp_path / "devstack")}
 
 
 def text_includes(needle: str) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_ports
+from tests.conftest import detached_devstack, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,42 +23,26 @@ def alive(pid: int) -> bool:
 
 
 def test_devstack_up_demo_send_down(tmp_path: Path) -> None:
-    temporal, ui, vault, spapi, smtp, smtp_http = free_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
-    env.update({
-        "OUTBOUND_DEVSTACK_STATE_DIR": str(tmp_path), "OUTBOUND_DEVSTACK_TEMPORAL_PORT": str(temporal),
-        "OUTBOUND_DEVSTACK_UI_PORT": str(ui), "OUTBOUND_DEVSTACK_VAULT_PORT": str(vault),
-        "OUTBOUND_DEVSTACK_SPAPI_PORT": str(spapi), "OUTBOUND_DEVSTACK_SMTP_PORT": str(smtp),
-        "OUTBOUND_DEVSTACK_SMTP_HTTP_PORT": str(smtp_http),
-    })
-    devstack = [sys.executable, "-m", "devstack"]
-    up = subprocess.run([*devstack, "up", "--detach"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=180)
-    state = json.loads((tmp_path / "stack.json").read_text()) if (tmp_path / "stack.json").exists() else {}
-    pids = [svc["pid"] for svc in state.get("services", [])]
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert [svc["name"] for svc in state["services"]] == ["temporal", "vault", "spapi", "smtp", "worker"]
-        out = up.stdout
+    with detached_devstack(tmp_path) as stack:
+        pids = [svc["pid"] for svc in stack.state["services"]]
+        assert [svc["name"] for svc in stack.state["services"]] == ["temporal", "vault", "spapi", "smtp", "worker"]
+        out = stack.up.stdout
         assert "status     delivered via SPAPI" in out
         assert "note       No orderId - SMTP fallback used" in out
         assert "status     delivered via SMTP\n" in out
         assert "status     failed" in out
         assert "status     awaiting_action" in out
+        ui = stack.env["OUTBOUND_DEVSTACK_UI_PORT"]
         assert f"http://127.0.0.1:{ui}/namespaces/default/workflows" in out
 
         send = subprocess.run(
             [sys.executable, "starter.py", "send", "--tenant", "acme", "--channel", "email",
              "--to", "buyer@example.org", "--subject", "Hello", "--body", "Hi there", "--wait", "--json"],
-            cwd=ROOT, env={**env, "OUTBOUND_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal}"},
+            cwd=ROOT, env={**stack.env, "OUTBOUND_TEMPORAL_ADDRESS": stack.state["urls"]["temporal"]},
             capture_output=True, text=True, timeout=60)
         assert send.returncode == 0, send.stderr
         trace = json.loads(send.stdout)
         assert (trace["status"], trace["provider_final"]) == ("delivered", "SMTP")
-    finally:
-        down = subprocess.run([*devstack, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
-    assert not (tmp_path / "stack.json").exists()
     assert pids and not [pid for pid in pids if alive(pid)], "devstack down left processes running"
 
 
