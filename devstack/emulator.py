@@ -198,7 +198,11 @@ def run_cli(description: str, factory: Callable[[argparse.Namespace], Any],
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     server = factory(args)
-    server.start()
+    try:
+        server.start()
+    except OSError as err:  # a port in use is the usual cause: say which, not a traceback
+        parser.exit(1, f"{server.name}: cannot listen ({err.strerror or err}); check the ports given: "
+                       f"{' '.join(f'{k}={v}' for k, v in vars(args).items() if k.endswith('port'))}\n")
     print(f"{server.name} listening on {server.url}", flush=True)
     stopped.wait()
     server.stop()

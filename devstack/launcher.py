@@ -185,13 +185,23 @@ def wait_ready(svc: Service, proc: subprocess.Popen[bytes], log: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{svc.name} exited with code {proc.returncode}; see {log}")
+            raise StackError(f"{svc.name} exited with code {proc.returncode}; see {log}" + _exit_cause(svc, log))
         if svc.ready_port and port_in_use(svc.ready_port):
             return
         if not svc.ready_port and log.exists() and "worker serving task queue" in log.read_text(errors="replace"):
             return
         time.sleep(0.1)
     raise StackError(f"{svc.name} was not ready within {timeout:.0f}s; see {log}")
+
+
+def _exit_cause(svc: Service, log: Path) -> str:
+    """Why a service died, for the person reading the error: a taken port, else the log's last lines."""
+    taken = [f"{label} port {port}" for label, port in svc.ports.items() if port_in_use(port)]
+    if taken:
+        return (f"\n  its {', '.join(taken)} was taken by another process after the check; the Temporal dev "
+                "server binds random ports in the kernel's ephemeral range, so choose ports below it")
+    tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+    return "".join(f"\n  | {line}" for line in tail)
 
 
 def start_stack(cfg: DevstackSettings) -> dict[str, Any]:

@@ -10,11 +10,13 @@ import base64
 import binascii
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -60,16 +62,37 @@ ORDER_ID = "402-1234567-7654321"
 RELAY_ADDRESS = "x7kq2m9vzp3b4@marketplace.amazon.fr"
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on right now (for servers started as subprocesses)."""
-    sockets = [socket.socket() for _ in range(count)]
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on right now (for servers started as subprocesses).
+
+    Drawn from below the kernel's ephemeral range: the Temporal dev server binds five random
+    ephemeral ports for its internal services, and outgoing connections take ephemeral ports too, so a
+    port the OS handed out with bind(0) could be taken again before our subprocess binds it (CI saw the
+    SMTP sink lose its port to the dev server that started just before it).
+    """
+    low = 20000
+    high = min(_ephemeral_range()[0], 32768) - 1
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randint(low, high)
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
 
 
 @dataclass

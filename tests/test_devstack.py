@@ -66,3 +66,45 @@ def test_a_port_in_use_is_reported_by_name_before_anything_starts(tmp_path: Path
     assert f"port already in use: vault http port {vault}" in up.stderr
     assert "Traceback" not in up.stderr
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_a_stand_in_started_on_a_taken_port_says_so_without_a_traceback() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "devstack.smtp", "--smtp-port", str(port), "--http-port", "0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    assert "smtp: cannot listen (Address already in use)" in run.stderr
+    assert f"smtp_port={port}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_service_that_dies_at_start_is_explained_by_its_taken_port_or_its_log(tmp_path: Path) -> None:
+    from devstack.launcher import Service, StackError, wait_ready
+
+    log = tmp_path / "smtp.log"
+    log.write_text("starting\nsmtp: cannot listen (Address already in use)\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    dead.wait()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        svc = Service("smtp", [], {"smtp": taken}, taken)
+        try:
+            wait_ready(svc, dead, log, timeout=5)
+        except StackError as err:
+            message = str(err)
+        else:
+            raise AssertionError("a dead service was taken for ready")
+    assert f"smtp exited with code 1; see {log}" in message
+    assert f"its smtp port {taken} was taken by another process after the check" in message
+
+    svc = Service("smtp", [], {"smtp": free_ports(1)[0]}, 0)
+    try:
+        wait_ready(svc, dead, log, timeout=5)
+    except StackError as err:
+        message = str(err)
+    assert "| smtp: cannot listen (Address already in use)" in message
