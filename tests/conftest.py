@@ -137,6 +137,7 @@ def _binary(name: str) -> str:
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=_binary("temporal"),
+        port=free_ports(1)[0],  # not the SDK's bind(0) pick: see free_ports
         data_converter=data_converter(),
         search_attributes=list(sa.ALL),
         dev_server_log_level="error",

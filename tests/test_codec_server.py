@@ -32,7 +32,7 @@ from delivery.converter import data_converter
 from delivery.settings import CodecSettings, Settings
 from devstack.launcher import DevstackSettings, _write_state, services
 from devstack.smtp import SmtpSink
-from tests.conftest import Deliveries, _binary
+from tests.conftest import Deliveries, _binary, free_ports
 from worker import delivery_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,12 +162,6 @@ def test_an_oversized_body_is_refused_before_it_is_read(server: CodecServer) -> 
 # --- the process and its place in the dev stack ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def codec_environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
     env.update(extra)
@@ -175,7 +169,7 @@ def codec_environment(**extra: str) -> dict[str, str]:
 
 
 def test_the_server_refuses_to_start_without_keys_or_token() -> None:
-    command = [sys.executable, "-m", "delivery.codec_server", "--port", str(free_port())]
+    command = [sys.executable, "-m", "delivery.codec_server", "--port", str(free_ports(1)[0])]
     no_keys = subprocess.run(command, cwd=ROOT, env=codec_environment(OUTBOUND_CODEC_SERVER_TOKEN=TOKEN),
                              capture_output=True, text=True, timeout=30)
     assert no_keys.returncode == 2 and "OUTBOUND_CODEC_KEYS" in no_keys.stderr
@@ -189,7 +183,7 @@ def test_the_dev_stack_starts_the_codec_server_and_points_the_ui_at_it(monkeypat
                                                                       tmp_path: Path) -> None:
     for name in [k for k in os.environ if k.startswith("OUTBOUND_CODEC_")]:
         monkeypatch.delenv(name)
-    cfg = DevstackSettings(state_dir=tmp_path, codec_port=free_port(), ui_port=free_port())
+    cfg = DevstackSettings(state_dir=tmp_path, codec_port=free_ports(1)[0], ui_port=free_ports(1)[0])
     plain_stack = services(cfg)
     assert "codec" not in [svc.name for svc in plain_stack]
     assert "--ui-codec-endpoint" not in plain_stack[0].argv

@@ -26,6 +26,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.conftest import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEMO_ENV = ROOT / "deploy" / "demo.env"
@@ -470,12 +472,6 @@ elif sys.argv[1:3] == ["kv", "get"]:
     assert any(argv.startswith("write -field=token auth/approle/login") for argv in argvs), "no login check"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -493,7 +489,7 @@ def temporal_cli() -> str:
 @pytest.fixture(scope="module")
 def temporal_address(temporal_cli: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bare Temporal dev server: no extra namespace, no custom search attribute."""
-    port = free_port()
+    port = free_ports(1)[0]
     log = tmp_path_factory.mktemp("temporal") / "server.log"
     with log.open("wb") as out:
         server = subprocess.Popen([temporal_cli, "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port),
