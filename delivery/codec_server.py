@@ -215,6 +215,17 @@ class CodecService:
         return Answer(status, None, {**_PAGE_HEADERS, **(headers or {})}, html=page)
 
 
+class _CodecHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that navigated away mid-answer is not an error worth a traceback in the log.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address)
+            return
+        log.exception("error serving %s", client_address)
+
+
 class CodecServer:
     """The codec service on a threaded HTTP server in a daemon thread (port 0: a free port)."""
 
@@ -263,8 +274,7 @@ class CodecServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.info("codec server: " + format, *args)  # the request line and status, never a body
 
-        self._httpd = ThreadingHTTPServer((self.host, self.port), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _CodecHTTPServer((self.host, self.port), _Handler)
         self.port = self._httpd.server_address[1]
         threading.Thread(target=self._httpd.serve_forever, name=self.name, daemon=True).start()
         return self

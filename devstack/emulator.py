@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,17 @@ class Router:
         return Response.json(404, {"errors": [f"no route for {request.method} {request.path}"]})
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (a timeout, a test's fault) is normal for a stand-in: no traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address)
+            return
+        log.exception("error serving %s", client_address)
+
+
 class EmulatorServer:
     """A stand-in HTTP server on 127.0.0.1 in a daemon thread. Subclasses fill `self.router`."""
 
@@ -164,8 +176,7 @@ class EmulatorServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s: " + format, server.name, *args)
 
-        self._httpd = ThreadingHTTPServer((self.host, self.port), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietHTTPServer((self.host, self.port), _Handler)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=self.name, daemon=True)
         self._thread.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -452,6 +453,24 @@ def test_a_delay_fault_holds_one_call_and_not_the_others(api: Api) -> None:
     while not any(r["fault"] == "delay" for r in api.standin.requests()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [r["status"] for r in api.standin.requests() if r["fault"] == "delay"] == [201]
+
+
+def test_a_client_that_hung_up_is_not_a_traceback_but_a_stand_in_bug_is(capfd: pytest.CaptureFixture[str],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with SpapiStandIn() as standin, socket.socket() as client:
+        httpd = standin._httpd
+        assert httpd is not None
+        for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise gone
+            except ConnectionError:
+                httpd.handle_error(client, ("127.0.0.1", 1))
+        assert "Traceback" not in capfd.readouterr().err
+        try:
+            raise ValueError("a real bug")
+        except ValueError:
+            httpd.handle_error(client, ("127.0.0.1", 1))
+    assert "a real bug" in caplog.text
 
 
 def test_drop_after_request_on_a_send_records_the_message_and_answers_nothing(api: Api) -> None:
