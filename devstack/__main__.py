@@ -33,6 +33,10 @@ def main() -> int:
     if args.command == "status":
         return status(cfg)
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background by a non-interactive shell, SIGINT comes in ignored; Ctrl-C (or
+        # `kill -INT`) must still stop the stack cleanly, so take it back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"starting the dev stack (logs in {cfg.log_dir})", flush=True)
     try:
         state = start_stack(cfg)

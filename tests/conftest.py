@@ -102,15 +102,21 @@ class DetachedStack:
     up: subprocess.CompletedProcess[str]
 
 
-@contextmanager
-def detached_devstack(state_dir: Path, *up_flags: str, extra_env: dict[str, str] | None = None,
-                      timeout: float = 180) -> Iterator[DetachedStack]:
-    """`python -m devstack up --detach` on free ports in `state_dir`; `down` afterwards, checked."""
+def devstack_environment(state_dir: Path) -> dict[str, str]:
+    """This process's environment without OUTBOUND_* settings, plus a dev stack on free ports in `state_dir`."""
     names = ("TEMPORAL", "UI", "VAULT", "SPAPI", "SMTP", "SMTP_HTTP", "CODEC")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOUND_")}
     env["OUTBOUND_DEVSTACK_STATE_DIR"] = str(state_dir)
     env.update({f"OUTBOUND_DEVSTACK_{name}_PORT": str(port)
                 for name, port in zip(names, free_ports(len(names)), strict=True)})
+    return env
+
+
+@contextmanager
+def detached_devstack(state_dir: Path, *up_flags: str, extra_env: dict[str, str] | None = None,
+                      timeout: float = 180) -> Iterator[DetachedStack]:
+    """`python -m devstack up --detach` on free ports in `state_dir`; `down` afterwards, checked."""
+    env = devstack_environment(state_dir)
     devstack = [sys.executable, "-m", "devstack"]
     root = Path(__file__).resolve().parents[1]
     up = subprocess.run([*devstack, "up", "--detach", *up_flags], cwd=root, env={**env, **(extra_env or {})},

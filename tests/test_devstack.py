@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import detached_devstack, free_ports
+from tests.conftest import detached_devstack, devstack_environment, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,3 +110,58 @@ def test_a_service_that_dies_at_start_is_explained_by_its_taken_port_or_its_log(
     except StackError as err:
         message = str(err)
     assert "| smtp: cannot listen (Address already in use)" in message
+
+
+def test_foreground_stack_stops_on_ctrl_c_and_a_second_run_keeps_earlier_deliveries(tmp_path: Path) -> None:
+    # `make run` in a terminal: Ctrl-C reaches the whole foreground process group.
+    env = devstack_environment(tmp_path)
+    temporal = f"127.0.0.1:{env['OUTBOUND_DEVSTACK_TEMPORAL_PORT']}"
+    starter = {**env, "OUTBOUND_TEMPORAL_ADDRESS": temporal}
+
+    def run_until_ctrl_c(then: Callable[[], None]) -> tuple[str, list[int]]:
+        up = subprocess.Popen([sys.executable, "-m", "devstack", "up", "--no-demo"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        assert up.stdout is not None
+        lines: list[str] = []
+        try:
+            for line in up.stdout:
+                lines.append(line)
+                if line.startswith("serving; Ctrl-C stops everything"):
+                    break
+            else:
+                raise AssertionError("the stack never said it was serving:\n" + "".join(lines))
+            pids = [svc["pid"] for svc in json.loads((tmp_path / "stack.json").read_text())["services"]]
+            then()
+            os.killpg(up.pid, signal.SIGINT)
+            rest, _ = up.communicate(timeout=120)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                subprocess.run([sys.executable, "-m", "devstack", "down"], cwd=ROOT, env=env, timeout=120)
+        assert up.returncode == 0, "".join(lines) + rest
+        return "".join(lines) + rest, pids
+
+    delivery_id = "ctrl-c-survivor-1"
+
+    def send() -> None:
+        sent = subprocess.run([sys.executable, "starter.py", "send", "--delivery-id", delivery_id, "--tenant", "acme",
+                               "--channel", "email", "--to", "buyer@example.org", "--subject", "Hello",
+                               "--body", "Hi there", "--wait"],
+                              cwd=ROOT, env=starter, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    found: list[str] = []
+
+    def trace_earlier() -> None:
+        traced = subprocess.run([sys.executable, "starter.py", "trace", delivery_id, "--json"],
+                                cwd=ROOT, env=starter, capture_output=True, text=True, timeout=60)
+        assert traced.returncode == 0, traced.stdout + traced.stderr
+        found.append(json.loads(traced.stdout)["status"])
+
+    output, pids = run_until_ctrl_c(send)
+    assert "stopping the dev stack" in output and "temporal stopped" in output
+    assert pids and not [pid for pid in pids if alive(pid)], "Ctrl-C left processes running"
+    assert not (tmp_path / "stack.json").exists()
+
+    run_until_ctrl_c(trace_earlier)  # the same state dir: Temporal's SQLite file is reused
+    assert found == ["delivered"]
