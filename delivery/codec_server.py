@@ -28,14 +28,15 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf import json_format
 from pydantic import ValidationError
 from temporalio.api.common.v1 import Payloads
 
+from delivery.background_http import BackgroundHTTPServer
 from delivery.codec import EncryptionCodec, PayloadDecryptionError
 from delivery.settings import CodecSettings
 
@@ -215,33 +216,16 @@ class CodecService:
         return Answer(status, None, {**_PAGE_HEADERS, **(headers or {})}, html=page)
 
 
-class _CodecHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A browser that navigated away mid-answer is not an error worth a traceback in the log.
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            log.debug("client %s went away", client_address)
-            return
-        log.exception("error serving %s", client_address)
-
-
-class CodecServer:
+class CodecServer(BackgroundHTTPServer):
     """The codec service on a threaded HTTP server in a daemon thread (port 0: a free port)."""
 
     name = "codec-server"
 
     def __init__(self, service: CodecService, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+        super().__init__(host, port)
         self.service = service
-        self.host = host
-        self.port = port
-        self._httpd: ThreadingHTTPServer | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> Self:
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
         service = self.service
 
         class _Handler(BaseHTTPRequestHandler):
@@ -274,22 +258,7 @@ class CodecServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.info("codec server: " + format, *args)  # the request line and status, never a body
 
-        self._httpd = _CodecHTTPServer((self.host, self.port), _Handler)
-        self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, name=self.name, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return _Handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    server = CodecServer(service, args.host, args.port).start()
+    try:
+        server = CodecServer(service, args.host, args.port).start()
+    except OSError as err:  # a port in use is the usual cause: say which, not a traceback
+        print(f"error: cannot listen on {args.host}:{args.port} ({err.strerror or err})", file=sys.stderr)
+        return 2
     print(f"codec server listening on {server.url} (UI origin {service.ui_origin}, key ids "
           f"{', '.join(service.codec.key_ids)}; encrypting with {service.codec.encrypt_key_id})", flush=True)
     stopped.wait()

@@ -11,13 +11,14 @@ import json
 import logging
 import re
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from delivery.background_http import BackgroundHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -103,39 +104,21 @@ class Router:
         return Response.json(404, {"errors": [f"no route for {request.method} {request.path}"]})
 
 
-class _QuietHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (a timeout, a test's fault) is normal for a stand-in: no traceback.
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            log.debug("client %s went away", client_address)
-            return
-        log.exception("error serving %s", client_address)
-
-
-class EmulatorServer:
+class EmulatorServer(BackgroundHTTPServer):
     """A stand-in HTTP server on 127.0.0.1 in a daemon thread. Subclasses fill `self.router`."""
 
     name = "emulator"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.router = Router()
         self._lock = threading.RLock()  # guards the stand-in's state across request threads
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def handle(self, request: Request) -> Response:
         with self._lock:
             return self.router.dispatch(request)
 
-    def start(self) -> Self:
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -176,23 +159,7 @@ class EmulatorServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s: " + format, server.name, *args)
 
-        self._httpd = _QuietHTTPServer((self.host, self.port), _Handler)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return _Handler
 
 
 def run_cli(description: str, factory: Callable[[argparse.Namespace], Any],

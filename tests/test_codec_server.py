@@ -168,6 +168,20 @@ def codec_environment(**extra: str) -> dict[str, str]:
     return env
 
 
+def test_the_server_on_a_taken_port_says_which_without_a_traceback() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "delivery.codec_server", "--port", str(port)], cwd=ROOT,
+                             env=codec_environment(OUTBOUND_CODEC_KEYS=json.dumps({"k1": KEY}),
+                                                   OUTBOUND_CODEC_SERVER_TOKEN=TOKEN),
+                             capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_the_server_refuses_to_start_without_keys_or_token() -> None:
     command = [sys.executable, "-m", "delivery.codec_server", "--port", str(free_ports(1)[0])]
     no_keys = subprocess.run(command, cwd=ROOT, env=codec_environment(OUTBOUND_CODEC_SERVER_TOKEN=TOKEN),
