@@ -32,6 +32,9 @@ log = logging.getLogger("worker")
 
 # On shutdown, give in-flight sends this long to finish before they are cancelled (and retried later).
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+# A send waiting on I/O heartbeats (activities/heartbeats.py); its cancel (an operator action, a
+# cancelled delivery) arrives in the answer to a heartbeat, so they go out at least this often.
+HEARTBEAT_THROTTLE = timedelta(seconds=1)
 
 
 async def connect(settings: Settings) -> Client:
@@ -63,6 +66,7 @@ async def delivery_worker(client: Client, settings: Settings, *,
             activities=[resolve_order_id, credentials.fetch_credentials, spapi.spapi_send, smtp.smtp_send,
                         trace.persist_trace],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         )
         async with worker:
             yield worker

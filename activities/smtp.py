@@ -9,6 +9,7 @@ outcome is `ambiguous`, the workflow sends again, and the stable `Message-ID`
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from aiosmtplib import SMTPDataError, SMTPResponse, SMTPResponseException, SMTPS
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import while_heartbeating
 from delivery.failures import ambiguous, permanent, transient
 from delivery.models import NO_REPLY_LOCAL_PARTS, SmtpSendInput, SmtpSendResult
 from delivery.settings import SmtpSettings
@@ -122,8 +124,15 @@ async def _send(relay: SmtpSettings, message: EmailMessage) -> str:
     )
     transaction = _Transaction(client, relay)
     try:
-        reply = await transaction.run(message)
+        reply = await while_heartbeating(transaction.run(message), lambda: transaction.current_step)
     except ApplicationError:
+        raise
+    except asyncio.CancelledError:
+        if transaction.after_data:
+            # Cancelled (an operator action, a cancelled delivery) with the message already sent:
+            # say so, rather than let the attempt look as if nothing went out.
+            raise ambiguous("SMTP attempt cancelled after the message was sent; the relay may have "
+                            "accepted it") from None
         raise
     except Exception as exc:
         # `from None`: aiosmtplib's exceptions carry the recipient; they must not reach logs or history.
@@ -134,14 +143,16 @@ async def _send(relay: SmtpSettings, message: EmailMessage) -> str:
 
 
 class _Transaction:
-    """The SMTP steps one by one, heartbeating between them, remembering whether the message went out."""
+    """The SMTP steps one by one, heartbeating at each, remembering whether the message went out."""
 
     def __init__(self, client: aiosmtplib.SMTP, relay: SmtpSettings) -> None:
         self.client = client
         self.relay = relay
         self.after_data = False
+        self.current_step = "connect"
 
     def step(self, name: str) -> None:
+        self.current_step = name
         activity.heartbeat(name)
 
     async def run(self, message: EmailMessage) -> SMTPResponse:

@@ -24,6 +24,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import while_heartbeating
 from delivery.failures import AMBIGUOUS, PERMANENT, THROTTLED, TRANSIENT, ambiguous, permanent, throttled, transient
 from delivery.models import CredentialsRef, SpapiSendInput, SpapiSendResult
 from delivery.secrets import SecretSource, SpapiSecrets
@@ -280,8 +281,9 @@ class LwaTokens:
                 "client_id": secrets.client_id, "client_secret": secrets.client_secret}
         activity.heartbeat("lwa")
         try:
-            response = await self._http.post(self._settings.lwa_endpoint, data=form, timeout=self._settings.timeout_s,
-                                             headers={"user-agent": self._settings.user_agent})
+            response = await while_heartbeating(
+                self._http.post(self._settings.lwa_endpoint, data=form, timeout=self._settings.timeout_s,
+                                headers={"user-agent": self._settings.user_agent}), lambda: "lwa")
         except httpx.TransportError as exc:  # a token request changes nothing: always safe to retry
             raise transient(f"LWA unreachable: {type(exc).__name__}") from None
         try:
@@ -406,9 +408,15 @@ class SpapiActivities:
                 raise transient(f"SP-API {operation}: too little time left in this attempt to send safely")
             activity.heartbeat(operation)
             try:
-                response = await self._http.request(
+                response = await while_heartbeating(self._http.request(
                     method, url, params={"marketplaceIds": attempt.marketplace_id}, json=body,
-                    headers=self._headers(token), timeout=self._settings.timeout_s)
+                    headers=self._headers(token), timeout=self._settings.timeout_s), lambda: operation)
+            except asyncio.CancelledError:
+                if sending:
+                    # Cut mid-POST (an operator action, a cancelled delivery): Amazon may have the message.
+                    raise ambiguous(f"SP-API {operation}: cancelled while the message was being sent; it may "
+                                    "have been accepted") from None
+                raise
             except httpx.TransportError as exc:
                 verdict = classify(exc, sending=sending)
                 outcome = ("no answer after the request was sent; the message may have been accepted"

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -338,6 +338,11 @@ class SpapiStandIn(EmulatorServer):
             raise ValueError(f"unknown operation {operation!r}; one of {sorted(known)}")
         with self._lock:
             self._faults.append(Fault(operation, status, times, mode, delay_s))
+
+    def pending_faults(self) -> list[dict[str, Any]]:
+        """The faults not yet used up, with the calls each still applies to (`times`)."""
+        with self._lock:
+            return [asdict(fault) for fault in self._faults]
 
     def messages(self) -> list[dict[str, Any]]:
         with self._lock:

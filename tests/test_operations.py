@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import CancelledError
 
@@ -55,6 +56,78 @@ async def test_force_smtp_cuts_an_spapi_backoff_short(deliveries: Deliveries, sp
     assert [(e.outcome, e.detail) for e in operator] == [("force_smtp", "force_smtp by alice (buyer waiting)")]
     assert len([e for e in trace.events if e.step == "spapi_send"]) == 1  # no second SP-API attempt
     assert len(smtp.messages()) == 1 and spapi.messages() == []
+    await deliveries.check_trace_agrees(trace)
+
+
+# Long enough that a delivery which waited for the hung call could not have ended before it.
+HUNG_CALL_S = 12.0
+
+
+async def hung(spapi: SpapiStandIn, operation: str) -> None:
+    """Make the next `operation` call hang, and return once the stand-in has received it."""
+    spapi.add_fault(operation, mode="delay", delay_s=HUNG_CALL_S)
+    deadline = asyncio.get_running_loop().time() + 20
+    while any(f["operation"] == operation for f in spapi.pending_faults()):
+        assert asyncio.get_running_loop().time() < deadline, f"no {operation} call arrived"
+        await asyncio.sleep(0.05)
+
+
+async def hung_call_ended(spapi: SpapiStandIn) -> bool:
+    """Wait for the hung call to end in the stand-in (so it cannot land in the next test); False if it had not yet."""
+    ended_already = any(r["fault"] == "delay" for r in spapi.requests())
+    deadline = asyncio.get_running_loop().time() + HUNG_CALL_S + 10
+    while not any(r["fault"] == "delay" for r in spapi.requests()):
+        assert asyncio.get_running_loop().time() < deadline, "the hung call never ended"
+        await asyncio.sleep(0.1)
+    return ended_already
+
+
+async def cancel_requests(handle: WorkflowHandle[Any, Any], activity: str) -> int:
+    history = await handle.fetch_history()
+    scheduled = {e.event_id for e in history.events
+                 if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity}
+    return sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED
+               and e.activity_task_cancel_requested_event_attributes.scheduled_event_id in scheduled)
+
+
+async def test_force_smtp_cancels_an_spapi_send_in_flight(deliveries: Deliveries, spapi: SpapiStandIn,
+                                                          smtp: SmtpSink) -> None:
+    handle = await deliveries.start(deliveries.request(order_ref=ORDER_ID))
+    await hung(spapi, "createConfirmOrderDetails")  # the POST is at Amazon, and no answer comes
+
+    answer = await act(handle, "force_smtp", by="alice", reason="SP-API stuck")
+    trace = await handle.result()
+
+    assert not await hung_call_ended(spapi), "the delivery waited for the hung SP-API call to end"
+    assert answer.accepted
+    assert (trace.status, trace.provider_final) == ("delivered", "SMTP_FALLBACK")
+    assert await cancel_requests(handle, "spapi_send") == 1
+    sends = [e for e in trace.events if e.step == "spapi_send"]
+    assert [(e.outcome, e.attempt) for e in sends] == [("ambiguous", 1)]  # cut mid-POST: Amazon may have it
+    assert sends[0].detail and "may have been accepted" in sends[0].detail
+    assert sends[0].detail.endswith("stopped for operator action force_smtp")
+    operator = [(e.outcome, e.detail) for e in trace.events if e.step == "operator"]
+    assert operator == [("force_smtp", "force_smtp by alice (SP-API stuck)")]
+    assert len(smtp.messages()) == 1
+    await deliveries.check_trace_agrees(trace)
+
+
+async def test_retry_cancels_a_hung_spapi_lookup_and_delivers_by_spapi(deliveries: Deliveries, spapi: SpapiStandIn,
+                                                                     smtp: SmtpSink) -> None:
+    handle = await deliveries.start(deliveries.request(order_ref=ORDER_ID))
+    await hung(spapi, "getMessagingActionsForOrder")  # nothing sent yet: a clean cancel
+
+    await act(handle, "retry", by="bob")
+    trace = await handle.result()
+
+    assert not await hung_call_ended(spapi), "the delivery waited for the hung SP-API call to end"
+    assert (trace.status, trace.provider_final) == ("delivered", "SPAPI")
+    assert await cancel_requests(handle, "spapi_send") == 1
+    assert [(e.outcome, e.attempt, e.detail) for e in trace.events if e.step == "spapi_send"][:1] == [
+        ("cancelled", 1, "stopped for operator action retry")]
+    assert [e.outcome for e in trace.events if e.step == "spapi_send"][1:] == ["ok"]
+    assert len(spapi.messages()) == 1 and smtp.messages() == []
     await deliveries.check_trace_agrees(trace)
 
 

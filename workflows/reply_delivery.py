@@ -50,6 +50,10 @@ T = TypeVar("T")
 
 NO_ORDER_ID_NOTE = "No orderId - SMTP fallback used"
 
+# Workflows started before this patch let an attempt in flight run to its end when an operator acted;
+# newer ones cancel it (see _attempt_unless_action). The id stays as long as such histories may replay.
+CUT_ATTEMPTS_PATCH = "operator-action-cancels-attempt-in-flight"
+
 
 @dataclass
 class _Action:
@@ -88,9 +92,12 @@ class ReplyDeliveryWorkflow:
         self.sequence = 0
         self.persists: list[Awaitable[Any]] = []
         self.clock: datetime | None = None  # when set, the time of the events being recorded
+        self.cut_attempts = False  # an operator action cancels the attempt in flight (CUT_ATTEMPTS_PATCH)
 
     @workflow.run
     async def run(self, request: ReplyRequest) -> DeliveryTrace:
+        # Asked first thing, so the patch marker is always the first command of a new history.
+        self.cut_attempts = workflow.patched(CUT_ATTEMPTS_PATCH)
         self._set_status("delivering")
         try:
             while not self.trace.is_final:
@@ -202,6 +209,7 @@ class ReplyDeliveryWorkflow:
             start_to_close_timeout=policies.SPAPI_SEND.attempt_timeout,
             heartbeat_timeout=policies.SPAPI_SEND.attempt_timeout / 2,
             retry_policy=policies.ONE_ATTEMPT,
+            cancellation_type=self._send_cancellation(),
             summary=f"SP-API message for order {self.trace.order_id} (attempt {attempt})",
         )
 
@@ -224,6 +232,7 @@ class ReplyDeliveryWorkflow:
             start_to_close_timeout=policies.SMTP_SEND.attempt_timeout,
             heartbeat_timeout=policies.SMTP_SEND.attempt_timeout / 2,
             retry_policy=policies.ONE_ATTEMPT,
+            cancellation_type=self._send_cancellation(),
             summary=f"SMTP to {'Amazon relay' if self.fallback else 'buyer'} (attempt {attempt})",
         )
 
@@ -242,7 +251,10 @@ class ReplyDeliveryWorkflow:
             attempt += 1
             self.clock = None
             try:
-                result = await attempt_once(attempt)
+                if self.cut_attempts:
+                    result = await self._attempt_unless_action(step, policy, attempt, attempt_once)
+                else:
+                    result = await attempt_once(attempt)
             except ActivityError as err:
                 if is_cancelled_exception(err):
                     raise
@@ -268,6 +280,44 @@ class ReplyDeliveryWorkflow:
                 continue
             self._event(step, "ok", attempt, self._describe(result))
             return result
+
+    async def _attempt_unless_action(self, step: str, policy: StepPolicy, attempt: int,
+                                     attempt_once: Callable[[int], Awaitable[T]]) -> T:
+        """One attempt, raced against operator actions: an action that arrives cancels the attempt.
+
+        A send is awaited until its cancel is acknowledged (WAIT_CANCELLATION_COMPLETED), so the trace
+        says how it ended: it finished anyway (the action then finds the delivery done), it stopped
+        before anything went out, or it was cut mid-send (ambiguous: the message may be out).
+        """
+        running = asyncio.ensure_future(attempt_once(attempt))
+        acted = asyncio.ensure_future(workflow.wait_condition(lambda: self._next_action() is not None))
+        try:
+            await workflow.wait([running, acted], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the delivery is cancelled: request the attempt's cancel, go on
+            running.cancel()
+            acted.cancel()
+            raise
+        if running.done():
+            acted.cancel()
+            return running.result()
+        running.cancel()
+        await workflow.wait([running])
+        action = self._next_action()
+        why = f"stopped for operator action {action.name if action else 'that arrived'}"
+        try:
+            return running.result()  # it finished before the cancel reached it
+        except ActivityError as err:
+            if is_cancelled_exception(err):
+                self._event(step, "cancelled", attempt, why)
+            else:
+                kind, message, _ = self._classify(err, policy)
+                self._event(step, kind, attempt, f"{message}; {why}")
+        raise _ActionArrived
+
+    def _send_cancellation(self) -> workflow.ActivityCancellationType:
+        # A send cancelled for an operator action is awaited, to learn whether it went out.
+        return (workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED if self.cut_attempts
+                else workflow.ActivityCancellationType.TRY_CANCEL)
 
     @staticmethod
     def _classify(err: ActivityError, policy: StepPolicy) -> tuple[str, str, dict[str, Any]]:
