@@ -258,6 +258,24 @@ async def test_cancel_during_smtp_backoff_ends_cancelled_and_sends_nothing(deliv
     assert smtp.messages() == []
 
 
+async def test_cancel_during_a_hung_spapi_call_cancels_the_activity(deliveries: Deliveries, spapi: SpapiStandIn,
+                                                                    smtp: SmtpSink) -> None:
+    handle = await deliveries.start(deliveries.request(order_ref=ORDER_ID))
+    await hung(spapi, "getMessagingActionsForOrder")
+
+    await handle.cancel(reason="sent by hand")
+    with pytest.raises(WorkflowFailureError) as ended:
+        await handle.result()
+
+    assert not await hung_call_ended(spapi), "the cancel waited for the hung SP-API call to end"
+    assert isinstance(ended.value.cause, CancelledError)
+    assert await cancel_requests(handle, "spapi_send") == 1
+    row = await stored_trace(deliveries.settings, handle.id)
+    assert row is not None and (row.status, row.note) == ("cancelled", "Cancelled by operator: sent by hand")
+    await deliveries.check_trace_agrees(row)
+    assert spapi.messages() == [] and smtp.messages() == []
+
+
 async def test_visibility_finds_deliveries_by_each_search_attribute(deliveries: Deliveries) -> None:
     spapi_trace = await deliveries.deliver(order_ref=ORDER_ID)
     email_trace = await deliveries.deliver(channel="email", to="buyer@example.org")
