@@ -600,6 +600,7 @@ class SpapiStandIn(EmulatorServer):
         add("POST", "/_emulator/seed", control_endpoint(lambda request: self.seed(request.json())))
         add("GET", "/_emulator/messages", lambda request: Response.json(200, self.messages()))
         add("GET", "/_emulator/requests", lambda request: Response.json(200, self.requests()))
+        add("GET", "/_emulator/faults", lambda request: Response.json(200, self.pending_faults()))
         add("GET", "/_emulator/lwa-calls",
             lambda request: Response.json(200, {"lwa_calls": self.lwa_calls()}))
         add("PUT", "/_emulator/orders/{order_id}", control_endpoint(self._put_order))

@@ -411,9 +411,12 @@ def test_the_bucket_refills_at_the_rate(api: Api) -> None:
 def test_an_http_fault_answers_an_amazon_shaped_error_then_stops(api: Api, status: int) -> None:
     api.standin.add_fault("createConfirmOrderDetails", status=status, times=2)
 
+    pending = api.http.get("/_emulator/faults").json()
+    assert [(f["operation"], f["status"], f["times"]) for f in pending] == [("createConfirmOrderDetails", status, 2)]
     answers = [api.call("createConfirmOrderDetails", body={"text": "Hello"}) for _ in range(3)]
 
     assert [answer.status_code for answer in answers] == [status, status, 201]
+    assert api.standin.pending_faults() == [] == api.http.get("/_emulator/faults").json()
     assert len(api.standin.messages()) == 1
     assert [r["fault"] for r in api.standin.requests() if r["operation"] == "createConfirmOrderDetails"] == \
         ["http", "http", None]
