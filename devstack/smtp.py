@@ -8,6 +8,10 @@ start, optional AUTH PLAIN/LOGIN, and faults a test or a developer injects per s
 - `drop_after_data`: keep the message, then close the connection before the final reply, the case
   where the sender cannot know whether the mail went through.
 
+A fault with `delay_s` first holds its answer that long (a relay that hangs). A delay without a code
+then answers normally: at `rcpt` the recipient is accepted late; at `data` the message is kept at once
+and the "250 queued" comes late, so a sender that gives up meanwhile cannot know the mail went through.
+
 The HTTP side (EmulatorServer) serves the control API and a page listing the received mail:
 `GET /_emulator/messages`, `GET|POST /_emulator/faults`, `POST /_emulator/reset`, `GET /`.
 
@@ -17,6 +21,7 @@ The HTTP side (EmulatorServer) serves the control API and a page listing the rec
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import html
 import ipaddress
@@ -73,15 +78,17 @@ DEFAULT_REPLY_TEXT = {
 
 @dataclass
 class Fault:
-    code: int
+    code: int | None  # None: a pure delay, then the normal answer
     times: int
     stage: FaultStage
     match_rcpt: str | None = None
     message: str | None = None
+    delay_s: float = 0.0
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.message or DEFAULT_REPLY_TEXT.get(self.code, 'Injected failure')}"
+        text = self.message or (DEFAULT_REPLY_TEXT.get(self.code) if self.code else None) or "Injected failure"
+        return f"{self.code} {text}"
 
     def matches(self, recipients: list[str]) -> bool:
         """No match_rcpt matches all, `@domain` a domain, anything else one address (case-insensitive)."""
@@ -164,19 +171,26 @@ class SmtpSink(EmulatorServer):
         with self._lock:
             return [asdict(fault) for fault in self._faults]
 
-    def add_fault(self, code: int, times: int = 1, match_rcpt: str | None = None, stage: str = "rcpt",
-                  message: str | None = None) -> None:
-        """Answer the next `times` matching transactions at `stage` with `code` (ignored for drops)."""
+    def add_fault(self, code: int | None = None, times: int = 1, match_rcpt: str | None = None,
+                  stage: str = "rcpt", message: str | None = None, delay_s: float = 0.0) -> None:
+        """Answer the next `times` matching transactions at `stage` with `code` (ignored for drops),
+        after `delay_s` seconds; with a delay, `code` may be left out for a late normal answer."""
         if stage not in FAULT_STAGES:
             raise ValueError(f"stage must be one of {', '.join(FAULT_STAGES)}, not {stage!r}")
-        if stage != "drop_after_data" and not 400 <= code <= 599:
+        if not 0 <= delay_s <= 3600:
+            raise ValueError(f"delay_s must be between 0 and 3600 seconds, not {delay_s}")
+        if stage == "drop_after_data" and delay_s:
+            raise ValueError("a drop_after_data fault cannot have a delay: use a delayed data fault")
+        if code is None and not (delay_s or stage == "drop_after_data"):
+            raise ValueError("a fault needs a code (400-599), a delay_s, or both")
+        if stage != "drop_after_data" and code is not None and not 400 <= code <= 599:
             raise ValueError(f"code must be an SMTP failure code (400-599), not {code}")
         if times < 1:
             raise ValueError(f"times must be at least 1, not {times}")
         if message is not None and any(ch in message for ch in "\r\n"):
             raise ValueError("message must be a single line")
         with self._lock:
-            self._faults.append(Fault(code, times, cast(FaultStage, stage), match_rcpt, message))
+            self._faults.append(Fault(code, times, cast(FaultStage, stage), match_rcpt, message, delay_s))
 
     def reset(self) -> None:
         with self._lock:
@@ -214,10 +228,11 @@ class SmtpSink(EmulatorServer):
     def _post_fault(self, request: Request) -> Response:
         try:
             body = request.json()
-            if not isinstance(body, dict) or not isinstance(body.get("code"), int):
-                raise ValueError('body must be a JSON object with an integer "code"')
-            self.add_fault(body["code"], times=int(body.get("times", 1)), match_rcpt=body.get("match_rcpt"),
-                           stage=str(body.get("stage", "rcpt")), message=body.get("message"))
+            if not isinstance(body, dict) or not isinstance(body.get("code", 0), int | None):
+                raise ValueError('body must be a JSON object; "code", when given, an integer')
+            self.add_fault(body.get("code"), times=int(body.get("times", 1)), match_rcpt=body.get("match_rcpt"),
+                           stage=str(body.get("stage", "rcpt")), message=body.get("message"),
+                           delay_s=float(body.get("delay_s", 0.0)))
         except (TypeError, ValueError) as exc:
             return Response.json(400, {"errors": [str(exc)]})
         return Response.json(201, {"faults": self.faults()})
@@ -254,16 +269,21 @@ class _Handler:
                           rcpt_options: list[str]) -> str:
         fault = self.sink._take_fault("rcpt", [address])
         if fault is not None:
-            return fault.reply
+            await asyncio.sleep(fault.delay_s)
+            if fault.code is not None:
+                return fault.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         fault = self.sink._take_fault("data", envelope.rcpt_tos)
-        if fault is not None:
+        if fault is not None and fault.code is not None:
+            await asyncio.sleep(fault.delay_s)
             return fault.reply
         self.sink._store(envelope, session)
+        if fault is not None:  # kept; the reply is late
+            await asyncio.sleep(fault.delay_s)
         if self.sink._take_fault("drop_after_data", envelope.rcpt_tos) is not None:
             # The message is kept, the reply never leaves: closing now makes aiosmtpd's write of the
             # reply below a no-op, and the client sees the connection end after its terminator.

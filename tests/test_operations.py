@@ -131,6 +131,56 @@ async def test_retry_cancels_a_hung_spapi_lookup_and_delivers_by_spapi(deliverie
     await deliveries.check_trace_agrees(trace)
 
 
+async def hung_smtp(smtp: SmtpSink, stage: str) -> None:
+    """Make the relay hang at `stage` of the next transaction, and return once it has got that far."""
+    smtp.add_fault(stage=stage, delay_s=HUNG_CALL_S)
+    deadline = asyncio.get_running_loop().time() + 20
+    while smtp.faults():
+        assert asyncio.get_running_loop().time() < deadline, f"no SMTP transaction reached {stage}"
+        await asyncio.sleep(0.05)
+
+
+def took(trace: DeliveryTrace) -> float:
+    """Workflow time from the delivery's first event to its last."""
+    return (trace.events[-1].at - trace.events[0].at).total_seconds()
+
+
+async def test_mark_delivered_cancels_an_smtp_send_hung_before_data(deliveries: Deliveries,
+                                                                    smtp: SmtpSink) -> None:
+    handle = await deliveries.start(deliveries.request(channel="email", to="buyer@example.org"))
+    await hung_smtp(smtp, "rcpt")
+
+    await act(handle, "mark_delivered", by="carol", note="answered by phone")
+    trace = await handle.result()
+
+    assert took(trace) < HUNG_CALL_S, "the delivery waited for the hung relay"
+    assert (trace.status, trace.provider_final) == ("delivered", "SMTP")
+    assert await cancel_requests(handle, "smtp_send") == 1
+    assert [(e.outcome, e.attempt, e.detail) for e in trace.events if e.step == "smtp_send"] == [
+        ("cancelled", 1, "stopped for operator action mark_delivered")]
+    assert trace.note == "Marked delivered by carol: answered by phone"
+    assert smtp.messages() == []
+    await deliveries.check_trace_agrees(trace)
+
+
+async def test_set_order_id_cutting_an_smtp_send_after_data_says_the_mail_may_be_out(
+        deliveries: Deliveries, spapi: SpapiStandIn, smtp: SmtpSink) -> None:
+    handle = await deliveries.start(deliveries.request(subject="Where is my parcel?"))
+    await hung_smtp(smtp, "data")  # the relay has the mail; its "250 queued" is slow to come
+
+    await act(handle, "set_order_id", order_id=ORDER_ID, by="dave")
+    trace = await handle.result()
+
+    assert took(trace) < HUNG_CALL_S, "the delivery waited for the hung relay"
+    assert (trace.status, trace.provider_final) == ("delivered", "SPAPI")
+    sends = [e for e in trace.events if e.step == "smtp_send"]
+    assert [(e.outcome, e.attempt) for e in sends] == [("ambiguous", 1)]
+    assert sends[0].detail == ("SMTP attempt cancelled after the message was sent; the relay may have accepted "
+                               "it; stopped for operator action set_order_id")
+    assert len(smtp.messages()) == 1 and [m["order_id"] for m in spapi.messages()] == [ORDER_ID]
+    await deliveries.check_trace_agrees(trace)
+
+
 async def test_ambiguous_spapi_outcome_waits_for_an_operator_then_retry(deliveries: Deliveries,
                                                                         spapi: SpapiStandIn,
                                                                         smtp: SmtpSink) -> None:

@@ -168,6 +168,32 @@ async def test_drop_after_data_keeps_the_mail_but_loses_the_reply(tls_sink: Smtp
     assert received["message_id"] == "<dlv-1@shop.example>"
 
 
+async def test_a_delay_without_a_code_answers_rcpt_late_then_normally(sink: SmtpSink) -> None:
+    sink.add_fault(stage="rcpt", delay_s=2.0)
+
+    with pytest.raises(aiosmtplib.SMTPTimeoutError):
+        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=0.3)
+    assert sink.messages() == []
+    await send_plain(sink, mail())  # times=1: used up
+    assert len(sink.messages()) == 1
+
+
+async def test_a_delayed_data_keeps_the_mail_while_the_sender_gives_up(sink: SmtpSink) -> None:
+    sink.add_fault(stage="data", delay_s=2.0)
+
+    with pytest.raises(aiosmtplib.SMTPTimeoutError):
+        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=0.3)
+    [kept] = sink.messages()
+    assert kept["message_id"] == "<dlv-1@shop.example>"
+
+
+async def test_a_delayed_failure_answers_its_code_late(sink: SmtpSink) -> None:
+    sink.add_fault(451, stage="rcpt", delay_s=0.2)
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+        await send_plain(sink, mail())
+    assert refused.value.recipients[0].code == 451
+
+
 async def test_faults_match_one_recipient_or_one_domain(sink: SmtpSink) -> None:
     sink.add_fault(550, match_rcpt="Blocked@Example.com", times=5)
     sink.add_fault(451, match_rcpt="@greylisted.example", times=5)
@@ -188,6 +214,9 @@ async def test_faults_match_one_recipient_or_one_domain(sink: SmtpSink) -> None:
     ({"code": 250}, "code must be an SMTP failure code"),
     ({"code": 550, "times": 0}, "times must be at least 1"),
     ({"code": 550, "message": "two\r\nlines"}, "single line"),
+    ({"stage": "rcpt"}, "a fault needs a code"),
+    ({"code": 451, "delay_s": -1}, "delay_s must be between"),
+    ({"code": 0, "stage": "drop_after_data", "delay_s": 1}, "cannot have a delay"),
 ])
 def test_bad_faults_are_refused(sink: SmtpSink, fault: dict[str, Any], error: str) -> None:
     with pytest.raises(ValueError, match=error):
@@ -201,7 +230,8 @@ async def test_control_api_over_http(sink: SmtpSink) -> None:
                                                              "match_rcpt": None, "message": "5.3.4 too big"})
         assert created.status_code == 201
         assert (await http.get("/_emulator/faults")).json() == [
-            {"code": 552, "times": 1, "stage": "data", "match_rcpt": None, "message": "5.3.4 too big"}]
+            {"code": 552, "times": 1, "stage": "data", "match_rcpt": None, "message": "5.3.4 too big",
+             "delay_s": 0.0}]
         bad = await http.post("/_emulator/faults", json={"code": "550"})
         assert bad.status_code == 400 and bad.json()["errors"]
 

@@ -311,7 +311,12 @@ class ReplyDeliveryWorkflow:
                 self._event(step, "cancelled", attempt, why)
             else:
                 kind, message, _ = self._classify(err, policy)
-                self._event(step, kind, attempt, f"{message}; {why}")
+                # No retry follows, so the attempt's own verdict is what the trace needs: an SMTP
+                # "ambiguous" (retried as transient elsewhere) stays ambiguous here.
+                if isinstance(err.cause, ApplicationError) and err.cause.type == failures.AMBIGUOUS:
+                    kind = failures.AMBIGUOUS
+                self._event(step, "failed" if kind in (failures.TRANSIENT, failures.THROTTLED) else kind,
+                            attempt, f"{message}; {why}")
         raise _ActionArrived
 
     def _send_cancellation(self) -> workflow.ActivityCancellationType:
