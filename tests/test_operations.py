@@ -268,6 +268,10 @@ async def test_validator_refuses_what_makes_no_sense_and_writes_nothing(deliveri
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await act(handle, "set_order_id", order_id=ORDER_ID)
     assert "channel email does not use Amazon orders" in str(refused.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await act(handle, "force_smtp", by="erin")
+    assert str(refused.value.cause).endswith(
+        f"force_smtp refused: delivery {handle.id} already goes by SMTP; `retry` sends again now")
     with pytest.raises(BadInput) as bad:
         await cmd_signal(deliveries.client, build_parser().parse_args(["signal", handle.id, "set_order_id", "12-345"]))
     assert "ORDER_ID (order_id)" in str(bad.value)

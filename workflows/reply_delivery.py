@@ -457,6 +457,11 @@ class ReplyDeliveryWorkflow:
             if not args.order_id:
                 raise ApplicationError("set_order_id needs an order id in 3-7-7 digits, e.g. 123-1234567-1234567",
                                        type="action_refused", non_retryable=True)
+        # Only in workflows of the patch's time: a signal is validated again on replay, and older
+        # histories may hold a force_smtp that was applied then.
+        if name == "force_smtp" and self.route == "smtp" and self.cut_attempts:
+            raise ApplicationError(f"force_smtp refused: delivery {self.trace.delivery_id} already goes by SMTP; "
+                                   "`retry` sends again now", type="action_refused", non_retryable=True)
         if name == "mark_delivered" and not (args.note and args.note.strip()):
             raise ApplicationError("mark_delivered needs a note saying how the reply reached the buyer",
                                    type="action_refused", non_retryable=True)
