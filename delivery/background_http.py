@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from abc import ABC, abstractmethod
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -27,7 +28,7 @@ class _ThreadingServer(ThreadingHTTPServer):
         log.exception("error serving %s", client_address)
 
 
-class BackgroundHTTPServer:
+class BackgroundHTTPServer(ABC):
     """Serves `handler_class()` on (host, port) in a daemon thread; port 0 picks a free port."""
 
     name = "http-server"
@@ -41,8 +42,9 @@ class BackgroundHTTPServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @abstractmethod
     def handler_class(self) -> type[BaseHTTPRequestHandler]:
-        raise NotImplementedError
+        """The request handler, built by the subclass around what it serves."""
 
     def start(self) -> Self:
         self._httpd = _ThreadingServer((self.host, self.port), self.handler_class())
