@@ -56,12 +56,17 @@ def chromium_binary() -> str | None:
         (path for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.access(path, os.X_OK)), None)
 
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(150),
-    pytest.mark.skipif(chromium_binary() is None,
-                       reason="Chromium is not installed (Debian: apt-get install chromium; .ci/run does it as root)"),
-]
+def browser_test_marks(timeout_s: int) -> list[pytest.MarkDecorator]:
+    """Marks of a test that drives Chromium: skipped, saying why, where Chromium is not installed."""
+    return [
+        pytest.mark.browser,
+        pytest.mark.timeout(timeout_s),
+        pytest.mark.skipif(chromium_binary() is None, reason="Chromium is not installed (Debian: apt-get install "
+                                                             "chromium; .ci/run does it as root)"),
+    ]
+
+
+pytestmark = browser_test_marks(150)
 
 
 @pytest.fixture

@@ -24,18 +24,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import detached_devstack
-from tests.test_browser import Page, chromium, chromium_binary
+from tests.test_browser import Page, browser_test_marks, chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "browser-codec-token-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
 BODY = "Your replacement kettle ships on Monday, tracking number KETTLE-7731."
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(chromium_binary() is None,
-                       reason="Chromium is not installed (Debian: apt-get install chromium; .ci/run does it as root)"),
-]
+pytestmark = browser_test_marks(60)
 
 
 @pytest.fixture
