@@ -269,7 +269,7 @@ def _terminate(pid: int, grace: float = 35.0) -> bool:
             waited, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             waited = 0
-            if not _alive(pid):
+            if not process_alive(pid):
                 return True
         if waited == pid:
             return True
@@ -281,12 +281,18 @@ def _terminate(pid: int, grace: float = 35.0) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs. A zombie does not: a service started by an earlier `up --detach` is
+    reaped by PID 1, which in a container may take seconds to do it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): kill(0) is all we know
+    return state != "Z"
 
 
 def status(cfg: DevstackSettings) -> int:
@@ -296,7 +302,7 @@ def status(cfg: DevstackSettings) -> int:
     state = json.loads(cfg.stack_file.read_text())
     all_up = True
     for svc in state["services"]:
-        up = _alive(svc["pid"])
+        up = process_alive(svc["pid"])
         all_up &= up
         print(f"  {svc['name']:<8} {'running' if up else 'STOPPED'} (pid {svc['pid']})")
     for name, url in state["urls"].items():

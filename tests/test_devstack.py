@@ -8,20 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from devstack.launcher import process_alive
 from tests.conftest import detached_devstack, devstack_environment, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_devstack_up_demo_send_down(tmp_path: Path) -> None:
@@ -45,7 +41,7 @@ def test_devstack_up_demo_send_down(tmp_path: Path) -> None:
         assert send.returncode == 0, send.stderr
         trace = json.loads(send.stdout)
         assert (trace["status"], trace["provider_final"]) == ("delivered", "SMTP")
-    assert pids and not [pid for pid in pids if alive(pid)], "devstack down left processes running"
+    assert pids and not [pid for pid in pids if process_alive(pid)], "devstack down left processes running"
 
 
 def test_a_port_in_use_is_reported_by_name_before_anything_starts(tmp_path: Path) -> None:
@@ -160,8 +156,28 @@ def test_foreground_stack_stops_on_ctrl_c_and_a_second_run_keeps_earlier_deliver
 
     output, pids = run_until_ctrl_c(send)
     assert "stopping the dev stack" in output and "temporal stopped" in output
-    assert pids and not [pid for pid in pids if alive(pid)], "Ctrl-C left processes running"
+    assert pids and not [pid for pid in pids if process_alive(pid)], "Ctrl-C left processes running"
     assert not (tmp_path / "stack.json").exists()
 
     run_until_ctrl_c(trace_earlier)  # the same state dir: Temporal's SQLite file is reused
     assert found == ["delivered"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to see a zombie")
+def test_a_zombie_is_not_taken_for_a_running_service() -> None:
+    # `down` of a detached stack waits for services it did not start; in a container their zombies
+    # linger until PID 1 reaps them, and waiting on those cost two seconds a service.
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert process_alive(running.pid)
+        deadline = time.monotonic() + 10
+        while process_alive(exited.pid):
+            assert time.monotonic() < deadline, "an exited, unreaped child is still taken for running"
+            time.sleep(0.05)
+        assert Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        running.kill()
+        running.wait()
+        exited.wait()
+    assert not process_alive(exited.pid)
