@@ -169,20 +169,20 @@ async def test_drop_after_data_keeps_the_mail_but_loses_the_reply(tls_sink: Smtp
 
 
 async def test_a_delay_without_a_code_answers_rcpt_late_then_normally(sink: SmtpSink) -> None:
-    sink.add_fault(stage="rcpt", delay_s=2.0)
+    sink.add_fault(stage="rcpt", delay_s=4.0)
 
     with pytest.raises(aiosmtplib.SMTPTimeoutError):
-        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=0.3)
+        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=1.0)
     assert sink.messages() == []
     await send_plain(sink, mail())  # times=1: used up
     assert len(sink.messages()) == 1
 
 
 async def test_a_delayed_data_keeps_the_mail_while_the_sender_gives_up(sink: SmtpSink) -> None:
-    sink.add_fault(stage="data", delay_s=2.0)
+    sink.add_fault(stage="data", delay_s=4.0)
 
     with pytest.raises(aiosmtplib.SMTPTimeoutError):
-        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=0.3)
+        await aiosmtplib.send(mail(), hostname=sink.host, port=sink.smtp_port, timeout=1.0)
     [kept] = sink.messages()
     assert kept["message_id"] == "<dlv-1@shop.example>"
 
