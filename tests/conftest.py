@@ -6,6 +6,7 @@ wheels installed in the virtualenv.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -18,15 +19,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.trace_store import TraceStore
@@ -269,6 +270,25 @@ class Deliveries:
             HISTORIES.mkdir(exist_ok=True)
             name = re.sub(r"[^A-Za-z0-9_]+", "_", self.test_name).strip("_")
             (HISTORIES / f"{name}_{self.count}.json").write_text(history.to_json())
+
+
+@asynccontextmanager
+async def worker_with(temporal_env: WorkflowEnvironment, settings: Settings, name: str) -> AsyncIterator[Deliveries]:
+    """Deliveries through a worker of our own, for settings the `deliveries` fixture does not have."""
+    async with delivery_worker(temporal_env.client, settings):
+        yield Deliveries(temporal_env.client, settings, name)
+
+
+async def wait_for_trace(handle: WorkflowHandle[Any, Any], condition: Callable[[DeliveryTrace], bool],
+                         within_s: float = 20.0) -> DeliveryTrace:
+    """The live trace, once `condition` holds for it (polled through the `trace` query)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        trace: DeliveryTrace = await handle.query("trace", result_type=DeliveryTrace)
+        if condition(trace):
+            return trace
+        assert time.monotonic() < deadline, f"condition not met in {within_s}s: {trace.model_dump_json(indent=1)}"
+        await asyncio.sleep(0.05)
 
 
 def readable_history(exported: str) -> str:

@@ -16,19 +16,7 @@ from delivery.models import DeliveryTrace, OperatorActionInput, OperatorActionRe
 from devstack.smtp import SmtpSink
 from devstack.spapi import SpapiStandIn
 from starter import BadInput, build_parser, cmd_signal
-from tests.conftest import ORDER_ID, TENANT, Deliveries, stored_trace
-
-
-async def wait_for_trace(handle: WorkflowHandle[Any, Any], condition: Callable[[DeliveryTrace], bool],
-                         within_s: float = 20.0) -> DeliveryTrace:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        trace = await handle.query("trace", result_type=DeliveryTrace)
-        if condition(trace):
-            return trace
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met in {within_s}s; trace: {trace.model_dump_json(indent=1)}")
-        await asyncio.sleep(0.1)
+from tests.conftest import ORDER_ID, TENANT, Deliveries, stored_trace, wait_for_trace
 
 
 def in_backoff(step: str) -> Callable[[DeliveryTrace], bool]:

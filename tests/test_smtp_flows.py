@@ -10,8 +10,7 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,8 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 from delivery.models import DeliveryTrace
 from delivery.settings import Settings
 from devstack.smtp import SmtpSink
-from tests.conftest import Deliveries
-from worker import delivery_worker
+from tests.conftest import Deliveries, worker_with
 from workflows import policies
 
 RELAY_USER = "agent"
@@ -56,13 +54,6 @@ def through(relay: SmtpSink, settings: Settings, password: str = RELAY_PASSWORD)
         "password": SecretStr(password), "ca_file": str(relay.cert_path), "validate_certs": True,
         "from_address": SENDER})
     return settings.model_copy(update={"smtp": smtp})
-
-
-@asynccontextmanager
-async def worker_with(temporal_env: WorkflowEnvironment, settings: Settings, name: str) -> AsyncIterator[Deliveries]:
-    """Deliveries through a worker of our own, for settings the `deliveries` fixture does not have."""
-    async with delivery_worker(temporal_env.client, settings):
-        yield Deliveries(temporal_env.client, settings, name)
 
 
 async def history_text(client: Client, delivery_id: str) -> str:

@@ -7,8 +7,6 @@ requests, LWA grants), what the SMTP sink received, and the delivery's trace.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from temporalio.testing import WorkflowEnvironment
 
@@ -16,8 +14,7 @@ from delivery.models import DeliveryTrace
 from delivery.settings import Settings
 from devstack.smtp import SmtpSink
 from devstack.spapi import SpapiStandIn
-from tests.conftest import ORDER_ID, REFRESH_TOKEN, RELAY_ADDRESS, Deliveries
-from worker import delivery_worker
+from tests.conftest import ORDER_ID, REFRESH_TOKEN, RELAY_ADDRESS, Deliveries, worker_with
 
 ACTIONS = "getMessagingActionsForOrder"
 
@@ -37,13 +34,6 @@ def statuses(spapi: SpapiStandIn, status: int) -> list[dict[str, object]]:
 
 def step_outcomes(trace: DeliveryTrace, step: str) -> list[tuple[str, int | None]]:
     return [(e.outcome, e.attempt) for e in trace.events if e.step == step]
-
-
-@asynccontextmanager
-async def worker_with(temporal_env: WorkflowEnvironment, settings: Settings, name: str) -> AsyncIterator[Deliveries]:
-    """Deliveries through a worker of our own, for settings the `deliveries` fixture does not have."""
-    async with delivery_worker(temporal_env.client, settings):
-        yield Deliveries(temporal_env.client, settings, name)
 
 
 def with_spapi(settings: Settings, **changes: object) -> Settings:

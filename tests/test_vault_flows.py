@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import hvac
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
-from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.trace_store import TraceStore, delivery_trace
@@ -36,8 +33,9 @@ from tests.conftest import (
     VAULT_TOKEN,
     Deliveries,
     readable_history,
+    wait_for_trace,
+    worker_with,
 )
-from worker import delivery_worker
 
 TENANT_PATH = f"keybuzz/tenants/{TENANT}/amazon_spapi"
 APP_PATH = "keybuzz/amazon_spapi/app"
@@ -99,26 +97,10 @@ async def assert_no_secret_leaked(deliveries: Deliveries, vault: VaultStandIn, t
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def worker_with(temporal_env: WorkflowEnvironment, settings: Settings, name: str) -> AsyncIterator[Deliveries]:
-    """Deliveries through a worker of our own, for settings the `deliveries` fixture does not have."""
-    async with delivery_worker(temporal_env.client, settings):
-        yield Deliveries(temporal_env.client, settings, name)
-
-
 def with_vault(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update={"vault": settings.vault.model_copy(update=changes)})
 
 
-async def wait_for_trace(handle: WorkflowHandle[Any, Any], condition: Callable[[DeliveryTrace], bool],
-                         within_s: float = 20.0) -> DeliveryTrace:
-    deadline = time.monotonic() + within_s
-    while True:
-        trace: DeliveryTrace = await handle.query("trace", result_type=DeliveryTrace)
-        if condition(trace):
-            return trace
-        assert time.monotonic() < deadline, f"condition not met in {within_s}s: {trace.model_dump_json(indent=1)}"
-        await asyncio.sleep(0.05)
 
 
 async def sleep_until(moment: float) -> None:
