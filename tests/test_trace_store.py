@@ -30,8 +30,7 @@ from delivery.models import DeliveryTrace, OperatorActionInput, OperatorActionRe
 from delivery.settings import Settings, TraceSettings
 from devstack.smtp import SmtpSink
 from devstack.spapi import SpapiStandIn
-from tests.conftest import ORDER_ID, RELAY_ADDRESS, Deliveries, stored_trace
-from worker import delivery_worker
+from tests.conftest import ORDER_ID, RELAY_ADDRESS, Deliveries, stored_trace, worker_with
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
@@ -243,8 +242,8 @@ async def store_deliveries(temporal_env: WorkflowEnvironment, settings: Settings
                            request: pytest.FixtureRequest) -> AsyncIterator[Deliveries]:
     """A worker whose trace store is SQLite or PostgreSQL (the parameter of `store_url`)."""
     on_store = settings.model_copy(update={"trace": TraceSettings(database_url=store_url)})
-    async with delivery_worker(temporal_env.client, on_store):
-        yield Deliveries(temporal_env.client, on_store, request.node.name)
+    async with worker_with(temporal_env, on_store, request.node.name) as deliveries:
+        yield deliveries
 
 
 async def assert_history_query_and_row_agree(client: Client, settings: Settings, delivery_id: str,
@@ -380,8 +379,8 @@ async def test_cancelled_during_backoff(store_deliveries: Deliveries, smtp: Smtp
 async def skipping_store_deliveries(skipping_env: WorkflowEnvironment, settings: Settings, store_url: str,
                                     request: pytest.FixtureRequest) -> AsyncIterator[Deliveries]:
     on_store = settings.model_copy(update={"trace": TraceSettings(database_url=store_url)})
-    async with delivery_worker(skipping_env.client, on_store):
-        yield Deliveries(skipping_env.client, on_store, request.node.name)
+    async with worker_with(skipping_env, on_store, request.node.name) as deliveries:
+        yield deliveries
 
 
 @pytest.mark.parametrize("branch", ["spapi_retries_exhausted", "no_operator_within_72h"])
